@@ -1,0 +1,123 @@
+"""Per-step LoRA batch metadata: which tokens use which adapter slot, planned once per step.
+
+The plan is shared by every LoRA layer of the step. Tokens are best packed grouped by slot (the
+engine sorts its rows so): then each slot's tokens form one contiguous run and the side paths run as
+one batched matmul over a view of the slot buffers, with no gathering of weights or activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+NO_ADAPTER = -1
+
+PathKind = Literal["runs", "bmm"]
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Side-path plan of one step (N packed tokens).
+
+    `runs` always describes the work: contiguous token runs [start, end) that add slot `slot`.
+    `kind == "bmm"` says the same work can run as one batched matmul over G groups of L rows:
+    group g reads slot `slot_lo + g` (or `gather_slots[g]`), its rows are tokens `tok_idx[g]`
+    (or, when `tok_idx` is None, the contiguous tokens `bmm_start + g*L ... + L`).
+    """
+
+    n_tokens: int
+    runs: tuple[tuple[int, int, int], ...]  # (start, end, slot), slot >= 0
+    rank: int  # max rank of the adapters in the runs (slot buffers are sliced to it)
+    subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
+    subtract_rank: int
+    kind: PathKind
+    groups: int = 0  # G
+    group_len: int = 0  # L
+    slot_lo: int = 0  # groups read slots slot_lo .. slot_lo+G-1 (a view) when gather_slots is None
+    gather_slots: torch.Tensor | None = None  # [G] long
+    bmm_start: int = 0
+    tok_idx: torch.Tensor | None = None  # [G*L] long; padded entries point at token 0 and are masked
+    mask: torch.Tensor | None = None  # [G, L, 1] model dtype: 1 for real rows, 0 for padding
+
+    @property
+    def empty(self) -> bool:
+        return not self.runs and self.subtract is None
+
+
+def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]]:
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(token_slots) + 1):
+        if i == len(token_slots) or token_slots[i] != token_slots[start]:
+            slot = token_slots[start]
+            if slot != NO_ADAPTER and slot != skip:
+                runs.append((start, i, slot))
+            start = i
+    return runs
+
+
+def plan_lora_batch(
+    token_slots: list[int],
+    slot_ranks: list[int],
+    *,
+    merged_slot: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_pad_ratio: float = 1.5,
+) -> LoraBatch:
+    """Plan the side paths of a step.
+
+    token_slots: slot of each packed token (NO_ADAPTER for base-model tokens).
+    slot_ranks: rank of the adapter in each slot.
+    merged_slot: the adapter folded into the weights, if any: its tokens need no side path, and every
+    other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
+    """
+    n = len(token_slots)
+    runs = _runs(token_slots, merged_slot)
+    subtract = None
+    subtract_rank = 0
+    if merged_slot is not None:
+        others = [i for i, s in enumerate(token_slots) if s != merged_slot]
+        if others:
+            lo, hi = others[0], others[-1] + 1
+            if hi - lo != len(others):
+                raise ValueError("rows of the merged adapter must be packed first (contiguous others)")
+            subtract = (lo, hi, merged_slot)
+            subtract_rank = slot_ranks[merged_slot]
+    rank = max((slot_ranks[s] for _, _, s in runs), default=0)
+    common = dict(n_tokens=n, runs=tuple(runs), rank=rank, subtract=subtract, subtract_rank=subtract_rank)
+    if len(runs) < 2:
+        return LoraBatch(kind="runs", **common)
+
+    per_slot: dict[int, list[int]] = {}
+    for start, end, slot in runs:
+        per_slot.setdefault(slot, []).extend(range(start, end))
+    slots = sorted(per_slot)
+    length = max(len(v) for v in per_slot.values())
+    span = slots[-1] - slots[0] + 1
+    dense = span <= 2 * len(slots)
+    groups = span if dense else len(slots)
+    if groups * length > max_pad_ratio * sum(e - s for s, e, _ in runs) + 8:
+        return LoraBatch(kind="runs", **common)
+
+    gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
+    aligned = dense and groups == len(slots) and all(len(v) == length for v in per_slot.values())
+    if aligned:
+        flat = [t for s in slots for t in per_slot[s]]
+        aligned = flat == list(range(flat[0], flat[0] + len(flat)))
+    if aligned:
+        return LoraBatch(kind="bmm", groups=groups, group_len=length, slot_lo=slots[0],
+                         bmm_start=per_slot[slots[0]][0], **common)
+
+    order = list(range(slots[0], slots[-1] + 1)) if dense else slots
+    idx = torch.zeros(groups, length, dtype=torch.long)
+    mask = torch.zeros(groups, length, 1, dtype=dtype)
+    for g, slot in enumerate(order):
+        toks = per_slot.get(slot, [])
+        if toks:
+            idx[g, : len(toks)] = torch.tensor(toks)
+            mask[g, : len(toks)] = 1
+    return LoraBatch(kind="bmm", groups=groups, group_len=length, slot_lo=slots[0], gather_slots=gather,
+                     tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)

@@ -1,0 +1,110 @@
+"""LoRA side-path math for a group of projections that read the same input (pure tensor code).
+
+Buffers of one group of M projections over S slots:
+    A:    [S, r_max, M, d_in]   (rank-major so that slicing to the batch's rank stays a view)
+    B[j]: [S, d_out_j, r_max]   (pre-scaled by the adapter's s = alpha/r for that module)
+
+Semantics, as a plain loop (the oracle `lora_reference` below is exactly this):
+
+    for t in range(N):
+        s = token_slots[t]
+        if s >= 0 and s != merged:  y_j[t] += B[j][s] @ (A[s, :, j] @ x[t])
+        if merged is not None and s != merged:  y_j[t] -= B[j][merged] @ (A[merged, :, j] @ x[t])
+
+The shrink (x @ A) is done once for all M members; each member then expands its own slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.lora_batch import NO_ADAPTER, LoraBatch
+
+
+@dataclass
+class Shrunk:
+    """x·A for one step of one group, in the layout of the batch's plan."""
+
+    runs: list[torch.Tensor]  # per run: [n_run, r, M]
+    bmm: torch.Tensor | None  # [G, L, r, M]
+    subtract: torch.Tensor | None  # [n_sub, r_sub, M]
+
+
+def _slot_a(A: torch.Tensor, slot: int, r: int) -> torch.Tensor:
+    # A[slot, :r]: [r, M, d_in] -> [r*M, d_in]
+    return A[slot, :r].reshape(-1, A.shape[-1])
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
+    """x: [N, d_in] -> the low-rank activations of every run (and of the merged adapter to subtract)."""
+    m = A.shape[2]
+    r = batch.rank
+    runs: list[torch.Tensor] = []
+    bmm = None
+    if batch.kind == "bmm":
+        g, length = batch.groups, batch.group_len
+        if batch.gather_slots is None:
+            a = A[batch.slot_lo : batch.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
+        else:
+            a = A.index_select(0, batch.gather_slots)[:, :r].reshape(g, r * m, -1)
+        if batch.tok_idx is None:
+            xg = x[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
+        else:
+            xg = x.index_select(0, batch.tok_idx).view(g, length, -1)
+        xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
+        if batch.mask is not None:
+            xa.mul_(batch.mask)
+        bmm = xa.view(g, length, r, m)
+    else:
+        for start, end, slot in batch.runs:
+            runs.append((x[start:end] @ _slot_a(A, slot, r).T).view(end - start, r, m))
+    sub = None
+    if batch.subtract is not None:
+        start, end, slot = batch.subtract
+        rs = batch.subtract_rank
+        sub = (x[start:end] @ _slot_a(A, slot, rs).T).view(end - start, rs, m)
+    return Shrunk(runs=runs, bmm=bmm, subtract=sub)
+
+
+def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: LoraBatch) -> None:
+    """y: [N, d_out] += this member's side paths (in place). B: [S, d_out, r_max]."""
+    r = batch.rank
+    if s.bmm is not None:
+        g, length = batch.groups, batch.group_len
+        if batch.gather_slots is None:
+            b = B[batch.slot_lo : batch.slot_lo + g, :, :r]  # [G, d_out, r] view
+        else:
+            b = B.index_select(0, batch.gather_slots)[:, :, :r]
+        xa = s.bmm[..., member]  # [G, L, r]
+        if batch.tok_idx is None:
+            out = y[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1)
+            out.baddbmm_(xa, b.transpose(1, 2))
+        else:
+            y.index_add_(0, batch.tok_idx, torch.bmm(xa, b.transpose(1, 2)).view(g * length, -1))
+    else:
+        for (start, end, slot), xa in zip(batch.runs, s.runs, strict=True):
+            y[start:end].addmm_(xa[..., member], B[slot, :, :r].T)
+    if s.subtract is not None:
+        start, end, slot = batch.subtract
+        y[start:end].addmm_(s.subtract[..., member], B[slot, :, : batch.subtract_rank].T, alpha=-1)
+
+
+def lora_reference(
+    x: torch.Tensor,
+    token_slots: list[int],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    member: int,
+    merged_slot: int | None = None,
+) -> torch.Tensor:
+    """The oracle: per-token plain loop in float64. x: [N, d_in] -> delta [N, d_out]."""
+    out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
+    for t, slot in enumerate(token_slots):
+        xt = x[t].double()
+        if slot != NO_ADAPTER and slot != merged_slot:
+            out[t] += B[slot].double() @ (A[slot, :, member].double() @ xt)
+        if merged_slot is not None and slot != merged_slot:
+            out[t] -= B[merged_slot].double() @ (A[merged_slot, :, member].double() @ xt)
+    return out

@@ -1,0 +1,76 @@
+"""One forward pass of a packed, mixed-adapter step over the frozen base model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from server.attention import KVCache, build_attn_meta, register
+from server.lora_batch import plan_lora_batch
+from server.lora_layers import LoraRuntime
+from server.merge import MergedWeights
+
+
+@dataclass
+class StepInput:
+    """The packed tokens of one engine step (N tokens from any number of sequences)."""
+
+    token_ids: list[int]  # [N]
+    rows: list[int]  # [N] KV-cache row of each token's sequence
+    positions: list[int]  # [N]
+    token_slots: list[int]  # [N] adapter slot of each token, -1 for the base model
+    decode: list[int] = field(default_factory=list)  # packed indices of single decode tokens
+    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, end, row, pos0)
+    logits_idx: list[int] = field(default_factory=list)  # packed indices whose next-token logits are needed
+
+
+def kv_geometry(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder-only model's config."""
+    cfg = model.config.get_text_config()
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+def context_limit(model: PreTrainedModel) -> int:
+    cfg = model.config.get_text_config()
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+
+
+class ModelRunner:
+    """Owns the model, its LoRA slots, the merged state and the KV cache (single-threaded use)."""
+
+    def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_seqs: int,
+                 max_model_len: int):
+        model.set_attn_implementation(register())
+        self.model = model
+        self.backbone = model.base_model
+        self.head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.lora = LoraRuntime(model, max_loras=max_loras, max_rank=max_rank)
+        self.merged = MergedWeights(self.lora)
+        self.max_model_len = min(max_model_len, context_limit(model))
+        layers, kv_heads, head_dim = kv_geometry(model)
+        self.cache = KVCache(layers, max_seqs, kv_heads, self.max_model_len, head_dim, self.dtype, self.device)
+        self.vocab_size = self.head.weight.shape[0]
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Run the step; returns float32 logits [len(step.logits_idx), V]."""
+        self.lora.set_batch(plan_lora_batch(
+            step.token_slots, self.lora.slot_ranks, merged_slot=self.merged.slot,
+            device=self.device, dtype=self.dtype,
+        ))
+        meta = build_attn_meta(self.cache, step.rows, step.positions, step.decode, step.prefills, self.device)
+        ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
+        out = self.backbone(input_ids=ids, position_ids=meta.positions[None], loramux_meta=meta, use_cache=False)
+        idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
+        hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
+        self.lora.set_batch(None)
+        return self.head(hidden).float()

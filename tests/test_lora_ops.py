@@ -1,0 +1,85 @@
+"""The fast side-path kernels against the plain per-token loop, for every plan the planner makes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from server.lora_batch import NO_ADAPTER, plan_lora_batch
+from server.lora_ops import expand, lora_reference, shrink
+
+S, R, M, D_IN = 6, 8, 3, 32
+D_OUT = [32, 16, 16]
+
+
+def buffers(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ranks = [2, 8, 4, 8, 6, 1]
+    A = torch.zeros(S, R, M, D_IN)
+    B = [torch.zeros(S, d, R) for d in D_OUT]
+    for s, r in enumerate(ranks):
+        A[s, :r] = torch.randn(r, M, D_IN, generator=g)
+        for b in B:
+            b[s, :, :r] = torch.randn(b.shape[1], r, generator=g)
+    return A, B, ranks
+
+
+CASES = {
+    "one_run": [3] * 7,
+    "aligned_view": [1, 1, 2, 2, 3, 3, 4, 4],
+    "aligned_with_base_prefix": [NO_ADAPTER, NO_ADAPTER, 0, 1, 2, 3],
+    "padded_view": [0, 0, 0, 1, 2, 2, 3],
+    "sparse_gather": [0, 5, 5, 0],
+    "shuffled": [2, NO_ADAPTER, 4, 2, 1, 4, 1, NO_ADAPTER, 3, 0],
+    "long_runs": [0] * 20 + [1] + [2] * 3,
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("merged", [None, 2])
+def test_fast_path_equals_reference(case, merged):
+    A, B, ranks = buffers(0)
+    slots = list(CASES[case])
+    if merged is not None:  # merged rows must be packed first
+        slots = [merged] * 2 + [s for s in slots if s != merged]
+    x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged)
+    shrunk = shrink(x, A, plan)
+    for j in range(M):
+        y = torch.zeros(len(slots), D_OUT[j])
+        expand(y, shrunk, j, B[j], plan)
+        ref = lora_reference(x, slots, A, B[j], j, merged_slot=merged)
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_planner_picks_the_batched_paths():
+    _, _, ranks = buffers(0)
+    assert plan_lora_batch(CASES["aligned_view"], ranks).tok_idx is None
+    assert plan_lora_batch(CASES["aligned_view"], ranks).kind == "bmm"
+    assert plan_lora_batch(CASES["padded_view"], ranks).mask is not None
+    assert plan_lora_batch(CASES["sparse_gather"], ranks).gather_slots is not None
+    assert plan_lora_batch(CASES["long_runs"], ranks).kind == "runs"
+    assert plan_lora_batch([NO_ADAPTER] * 4, ranks).empty
+
+
+def test_merged_rows_must_come_first():
+    _, _, ranks = buffers(0)
+    with pytest.raises(ValueError, match="packed first"):
+        plan_lora_batch([0, 2, 1, 2], ranks, merged_slot=2)
+
+
+def test_random_batches():
+    A, B, ranks = buffers(5)
+    rng = random.Random(0)
+    for _ in range(30):
+        slots = [rng.choice([NO_ADAPTER, *range(S)]) for _ in range(rng.randint(1, 24))]
+        if rng.random() < 0.5:
+            slots.sort()
+        x = torch.randn(len(slots), D_IN)
+        plan = plan_lora_batch(slots, ranks)
+        shrunk = shrink(x, A, plan)
+        y = torch.zeros(len(slots), D_OUT[0])
+        expand(y, shrunk, 0, B[0], plan)
+        torch.testing.assert_close(y.double(), lora_reference(x, slots, A, B[0], 0), atol=1e-4, rtol=1e-5)

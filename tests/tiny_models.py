@@ -1,0 +1,94 @@
+"""Tiny random base models and PEFT-made adapters for the CPU test suite."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from adapters_store.format import LoraAdapter, ValidationLimits, parse_adapter, read_adapter_dir
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+LLAMA_ADAPTERS: dict[str, dict] = {
+    "attn_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "mlp_r8": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all_r16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    "rslora_r8": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "patterns": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                     rank_pattern={"q_proj": 4, "model.layers.1.self_attn.v_proj": 12},
+                     alpha_pattern={"down_proj": 4}),
+    "regex_l1": dict(r=6, lora_alpha=6, target_modules=r".*\.1\..*(k_proj|o_proj|up_proj)"),
+    "layer0_r2": dict(r=2, lora_alpha=32, target_modules=["q_proj", "o_proj"], layers_to_transform=[0]),
+}
+
+GPT2_ADAPTERS: dict[str, dict] = {
+    "attn_r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
+    "mlp_r8": dict(r=8, lora_alpha=16, target_modules=["c_fc", "mlp.c_proj"]),
+    "all_r16": dict(r=16, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]),
+    "rslora_r8": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_fc"]),
+    "patterns": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 4},
+                     alpha_pattern={"h.1.attn.c_attn": 2}),
+    "layer1_r2": dict(r=2, lora_alpha=4, target_modules=["c_attn"], layers_to_transform=[1]),
+}
+
+
+@dataclass
+class AdapterSet:
+    base: torch.nn.Module  # untouched copy of the base model
+    peft: PeftModel  # PEFT model holding every adapter (the reference)
+    dirs: dict[str, Path]  # adapter name -> PEFT directory
+
+
+def make_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, seed: int = 1) -> AdapterSet:
+    """Create the adapters with PEFT itself (B non-zero) and save them with save_pretrained."""
+    fan = isinstance(base, GPT2LMHeadModel)
+    dirs: dict[str, Path] = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        torch.manual_seed(seed + i)
+        cfg = LoraConfig(init_lora_weights=False, fan_in_fan_out=fan, **spec)
+        model = get_peft_model(copy.deepcopy(base), cfg)
+        with torch.no_grad():  # make B large enough that adapters change the logits visibly
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+    names = list(dirs)
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(dirs[name], adapter_name=name)
+    return AdapterSet(base=base, peft=peft.eval(), dirs=dirs)
+
+
+def load_parsed(name: str, path: Path, target_shapes, max_rank: int = 64) -> LoraAdapter:
+    config, weights = read_adapter_dir(path)
+    return parse_adapter(name, config, weights, target_shapes, ValidationLimits(max_rank=max_rank))
+
+
+@torch.no_grad()
+def peft_logits(peft: PeftModel, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """Logits [T, V] of one sequence under one adapter (None = base model)."""
+    x = torch.tensor([ids])
+    if adapter is None:
+        with peft.disable_adapter():
+            return peft(input_ids=x).logits[0].float()
+    peft.set_adapter(adapter)
+    return peft(input_ids=x).logits[0].float()
