@@ -1,0 +1,427 @@
+"""Durable on-disk adapter store, scoped by namespace (tenant) and indexed in memory.
+
+Layout::
+
+    root/<namespace>/<id>/{adapter_config.json, adapter_model.safetensors, meta.json}
+    root/.tmp/          staging area: complete new versions are written and fsynced here, then renamed
+    root/.quarantine/   adapters found corrupt (or no longer valid for the base model), never served
+
+A write is committed by one atomic rename of a fully written, fsynced directory. An overwrite first renames
+the old version aside to ``root/<namespace>/.<id>.old`` (a name no valid id can take), renames the new one
+in, then deletes the old. Start-up empties ``.tmp`` and resolves an interrupted overwrite: if ``<id>`` exists
+it is the complete new version and ``.<id>.old`` is deleted, otherwise ``.<id>.old`` is renamed back.
+Start-up then rebuilds the index from disk, re-hashing and re-validating every adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from adapters_store.errors import (
+    AdapterConflict,
+    AdapterCorrupt,
+    AdapterError,
+    AdapterNotFound,
+    AdapterValidationError,
+)
+from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, adapter_sha256
+
+logger = logging.getLogger(__name__)
+
+SHARED = "shared"  # namespace of adapters usable by every tenant
+META_FILE = "meta.json"
+TMP_DIR = ".tmp"
+QUARANTINE_DIR = ".quarantine"
+REASON_FILE = "QUARANTINE_REASON.txt"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+ParseFn = Callable[[str, bytes, bytes], LoraAdapter]
+
+
+def validate_id(s: str, what: str = "adapter id") -> str:
+    """Return ``s`` if it is a valid id: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without '..'."""
+    if not isinstance(s, str) or not _NAME_RE.fullmatch(s) or ".." in s:
+        raise AdapterValidationError(
+            f"invalid {what} {s!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or "
+            "digit, without '..'",
+            code="invalid_id",
+        )
+    return s
+
+
+def validate_namespace(s: str) -> str:
+    return validate_id(s, "namespace")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What the index knows about one stored adapter (the weights stay on disk)."""
+
+    namespace: str
+    id: str
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    created_at: float  # time.time() of the upload
+    path: Path  # root/<namespace>/<id>
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.id}"
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    key: str  # "<namespace>/<id>" it was stored under
+    reason: str
+    path: Path | None  # where it now lies under root/.quarantine (None if it could not be moved)
+    at: float  # time.time()
+
+
+class _Corrupt(Exception):
+    """An adapter directory that must not be served; the message is the reason."""
+
+
+class AdapterStore:
+    """Thread-safe store of validated adapters; ``parse`` is validation bound to the base model."""
+
+    def __init__(self, root: Path, parse: ParseFn) -> None:
+        self.root = Path(root)
+        self._parse = parse
+        self._lock = threading.Lock()
+        self._index: dict[str, AdapterRecord] = {}
+        self._quarantined: list[QuarantineEntry] = []
+        self._tmp = self.root / TMP_DIR
+        self._quarantine_dir = self.root / QUARANTINE_DIR
+        self._start_up()
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def get(self, namespace: str, adapter_id: str) -> AdapterRecord | None:
+        with self._lock:
+            return self._index.get(f"{namespace}/{adapter_id}")
+
+    def list(self, namespace: str | None = None) -> list[AdapterRecord]:
+        """Records sorted by (namespace, id); ``None`` lists every namespace."""
+        with self._lock:
+            records = [r for r in self._index.values() if namespace is None or r.namespace == namespace]
+        return sorted(records, key=lambda r: (r.namespace, r.id))
+
+    @property
+    def quarantined(self) -> list[QuarantineEntry]:
+        """What this process quarantined (at start-up or on load) and why."""
+        with self._lock:
+            return list(self._quarantined)
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    def put(
+        self,
+        namespace: str,
+        adapter_id: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        overwrite: bool = False,
+    ) -> tuple[AdapterRecord, bool]:
+        """Validate, then store atomically. Returns (record, created_or_changed).
+
+        Same id and same content: (existing record, False), nothing written. Same id and other content:
+        AdapterConflict unless ``overwrite``. Invalid input raises before anything is written.
+        """
+        validate_namespace(namespace)
+        validate_id(adapter_id)
+        config_bytes, weights_bytes = bytes(config_bytes), bytes(weights_bytes)
+        sha = adapter_sha256(config_bytes, weights_bytes)
+        key = f"{namespace}/{adapter_id}"
+        with self._lock:
+            existing = self._check_existing(key, sha, overwrite)
+        if existing is not None:
+            return existing, False
+        adapter = self._parse(adapter_id, config_bytes, weights_bytes)
+        created_at = time.time()
+        staged = None
+        try:
+            staged = self._stage(namespace, adapter_id, config_bytes, weights_bytes, adapter, created_at)
+            with self._lock:
+                existing = self._check_existing(key, sha, overwrite)
+                if existing is not None:
+                    return existing, False
+                final = self.root / namespace / adapter_id
+                self._commit(staged, final)
+                record = _record(namespace, adapter_id, adapter, created_at, final)
+                self._index[key] = record
+        except OSError as e:
+            raise AdapterError(
+                f"could not store adapter '{adapter_id}': {e}", status=500, code="storage_error"
+            ) from e
+        finally:
+            if staged is not None:
+                _remove_quietly(staged)
+        logger.info("stored adapter %s (sha256 %s, %d bytes)", key, sha, len(weights_bytes))
+        return record, True
+
+    def delete(self, namespace: str, adapter_id: str) -> bool:
+        """Remove an adapter from disk and the index; False if it was not there."""
+        key = f"{namespace}/{adapter_id}"
+        with self._lock:
+            record = self._index.pop(key, None)
+            if record is None:
+                return False
+            trash = self._tmp / f"{uuid.uuid4().hex}.del"
+            try:
+                os.replace(record.path, trash)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._index[key] = record
+                raise AdapterError(
+                    f"could not delete adapter '{adapter_id}': {e}", status=500, code="storage_error"
+                ) from e
+            _fsync_dir_quietly(record.path.parent)
+        _remove_quietly(trash)
+        logger.info("deleted adapter %s", key)
+        return True
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def load(self, record: AdapterRecord) -> LoraAdapter:
+        """Read the files, check they hash to ``record.sha256`` and parse them.
+
+        A mismatch on the current version quarantines it and raises AdapterCorrupt; a record replaced or
+        deleted meanwhile raises AdapterNotFound.
+        """
+        try:
+            config_bytes = (record.path / CONFIG_FILE).read_bytes()
+            weights_bytes = (record.path / WEIGHTS_FILE).read_bytes()
+        except FileNotFoundError:
+            self._raise_stale_or_corrupt(record, "its files are missing")
+        sha = adapter_sha256(config_bytes, weights_bytes)
+        if sha != record.sha256:
+            self._raise_stale_or_corrupt(record, f"its files hash to {sha}, not the recorded {record.sha256}")
+        return self._parse(record.id, config_bytes, weights_bytes)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _check_existing(self, key: str, sha: str, overwrite: bool) -> AdapterRecord | None:
+        """The existing record if it has this content; AdapterConflict if it differs and not ``overwrite``."""
+        existing = self._index.get(key)
+        if existing is None:
+            return None
+        if existing.sha256 == sha:
+            return existing
+        if not overwrite:
+            raise AdapterConflict(
+                f"adapter '{existing.id}' already exists with other content (sha256 {existing.sha256}); "
+                "upload with overwrite to replace it"
+            )
+        return None
+
+    def _raise_stale_or_corrupt(self, record: AdapterRecord, problem: str) -> NoReturn:
+        with self._lock:
+            current = self._index.get(record.key)
+            if current is None or current.sha256 != record.sha256:
+                raise AdapterNotFound(
+                    f"adapter '{record.id}' (sha256 {record.sha256}) was deleted or replaced"
+                )
+            del self._index[record.key]
+            reason = f"on load: {problem}"
+            self._quarantine(record.key, record.path, reason)
+        raise AdapterCorrupt(f"adapter '{record.id}' is corrupt on disk ({problem}); it was quarantined")
+
+    def _stage(
+        self,
+        namespace: str,
+        adapter_id: str,
+        config_bytes: bytes,
+        weights_bytes: bytes,
+        adapter: LoraAdapter,
+        created_at: float,
+    ) -> Path:
+        """Write a complete, fsynced version into root/.tmp/<random> and return its path."""
+        meta = {
+            "format": 1,
+            "namespace": namespace,
+            "id": adapter_id,
+            "sha256": adapter.sha256,
+            "created_at": created_at,
+            "rank": adapter.rank,
+            "alpha": adapter.alpha,
+            "target_modules": list(adapter.target_modules),
+            "size_bytes": adapter.size_bytes,
+        }
+        os.makedirs(self._tmp, exist_ok=True)
+        staged = self._tmp / uuid.uuid4().hex
+        os.mkdir(staged)
+        _write_file(staged / CONFIG_FILE, config_bytes)
+        _write_file(staged / WEIGHTS_FILE, weights_bytes)
+        _write_file(staged / META_FILE, json.dumps(meta, indent=2).encode())
+        _fsync_dir(staged)
+        return staged
+
+    def _commit(self, staged: Path, final: Path) -> None:
+        """Rename ``staged`` to ``final``; an existing ``final`` is renamed aside first and deleted after."""
+        ns_dir = final.parent
+        if not ns_dir.is_dir():
+            os.makedirs(ns_dir, exist_ok=True)
+            _fsync_dir(self.root)
+        aside = None
+        if final.exists():
+            aside = ns_dir / f".{final.name}.old"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            try:
+                os.replace(staged, final)
+            except BaseException:
+                try:
+                    os.replace(aside, final)
+                except OSError:
+                    logger.exception("could not roll back %s; start-up will restore it", final)
+                raise
+        else:
+            os.replace(staged, final)
+        # committed: what follows is cleanup that start-up would redo
+        _fsync_dir_quietly(ns_dir)
+        if aside is not None:
+            _remove_quietly(aside)
+
+    def _start_up(self) -> None:
+        for d in (self.root, self._tmp, self._quarantine_dir):
+            os.makedirs(d, exist_ok=True)
+        for leftover in self._tmp.iterdir():
+            _remove_quietly(leftover)
+        for ns_dir in sorted(self.root.iterdir()):
+            if ns_dir.name.startswith("."):
+                continue
+            if not ns_dir.is_dir() or not _is_valid_name(ns_dir.name):
+                logger.warning("ignoring %s: not a namespace directory", ns_dir)
+                continue
+            self._recover_overwrites(ns_dir)
+            for adapter_dir in sorted(ns_dir.iterdir()):
+                self._index_dir(ns_dir.name, adapter_dir)
+        logger.info(
+            "adapter store %s: %d adapters, %d quarantined",
+            self.root,
+            len(self._index),
+            len(self._quarantined),
+        )
+
+    def _recover_overwrites(self, ns_dir: Path) -> None:
+        for aside in ns_dir.glob(".*.old"):
+            final = ns_dir / aside.name[1 : -len(".old")]
+            if final.exists():
+                _remove_quietly(aside)
+            else:
+                logger.warning("restoring %s after an interrupted overwrite", final)
+                os.replace(aside, final)
+        _fsync_dir_quietly(ns_dir)
+
+    def _index_dir(self, namespace: str, adapter_dir: Path) -> None:
+        name = adapter_dir.name
+        if name.startswith("."):
+            return
+        if not adapter_dir.is_dir() or not _is_valid_name(name):
+            logger.warning("ignoring %s: not an adapter directory", adapter_dir)
+            return
+        key = f"{namespace}/{name}"
+        try:
+            self._index[key] = self._verify(namespace, name, adapter_dir)
+        except _Corrupt as e:
+            self._quarantine(key, adapter_dir, str(e))
+
+    def _verify(self, namespace: str, adapter_id: str, adapter_dir: Path) -> AdapterRecord:
+        try:
+            meta = json.loads((adapter_dir / META_FILE).read_bytes())
+            config_bytes = (adapter_dir / CONFIG_FILE).read_bytes()
+            weights_bytes = (adapter_dir / WEIGHTS_FILE).read_bytes()
+        except (OSError, ValueError) as e:
+            raise _Corrupt(f"unreadable: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("created_at"), int | float):
+            raise _Corrupt(f"{META_FILE} is malformed")
+        if (meta.get("namespace"), meta.get("id")) != (namespace, adapter_id):
+            raise _Corrupt(f"{META_FILE} names {meta.get('namespace')!r}/{meta.get('id')!r}")
+        sha = adapter_sha256(config_bytes, weights_bytes)
+        if sha != meta.get("sha256"):
+            raise _Corrupt(f"files hash to {sha}, {META_FILE} records {meta.get('sha256')}")
+        try:
+            adapter = self._parse(adapter_id, config_bytes, weights_bytes)
+        except AdapterError as e:
+            raise _Corrupt(f"no longer valid for this server: {e.message}") from None
+        return _record(namespace, adapter_id, adapter, float(meta["created_at"]), adapter_dir)
+
+    def _quarantine(self, key: str, adapter_dir: Path, reason: str) -> None:
+        dest: Path | None = self._quarantine_dir / f"{key.replace('/', '__')}__{uuid.uuid4().hex[:8]}"
+        try:
+            os.makedirs(self._quarantine_dir, exist_ok=True)
+            os.replace(adapter_dir, dest)
+            (dest / REASON_FILE).write_text(reason + "\n")
+        except OSError:
+            logger.exception("could not move %s to quarantine", adapter_dir)
+            dest = dest if dest.exists() else None
+        logger.error("quarantined adapter %s: %s", key, reason)
+        self._quarantined.append(QuarantineEntry(key=key, reason=reason, path=dest, at=time.time()))
+
+
+def _record(
+    namespace: str, adapter_id: str, adapter: LoraAdapter, created_at: float, path: Path
+) -> AdapterRecord:
+    return AdapterRecord(
+        namespace=namespace,
+        id=adapter_id,
+        sha256=adapter.sha256,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        target_modules=adapter.target_modules,
+        size_bytes=adapter.size_bytes,
+        created_at=created_at,
+        path=path,
+    )
+
+
+def _is_valid_name(name: str) -> bool:
+    return bool(_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_quietly(path: Path) -> None:
+    try:
+        _fsync_dir(path)
+    except OSError:
+        logger.warning("could not fsync %s", path, exc_info=True)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        logger.warning("could not remove %s", path, exc_info=True)
