@@ -39,6 +39,15 @@ LLAMA_ADAPTERS: dict[str, dict] = {
     "layer0_r2": dict(r=2, lora_alpha=32, target_modules=["q_proj", "o_proj"], layers_to_transform=[0]),
 }
 
+SERVING_ADAPTERS: dict[str, dict] = {  # eight adapters for engine and HTTP tests on the tiny chat model
+    f"a{i}": dict(r=r, lora_alpha=2 * r, target_modules=t)
+    for i, (r, t) in enumerate([
+        (4, ["q_proj", "v_proj"]), (8, "all-linear"), (16, ["gate_proj", "up_proj", "down_proj"]),
+        (2, ["o_proj"]), (8, ["k_proj", "v_proj", "down_proj"]), (4, "all-linear"), (12, ["q_proj", "up_proj"]),
+        (6, ["v_proj", "o_proj", "gate_proj"]),
+    ])
+}
+
 GPT2_ADAPTERS: dict[str, dict] = {
     "attn_r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
     "mlp_r8": dict(r=8, lora_alpha=16, target_modules=["c_fc", "mlp.c_proj"]),
@@ -57,8 +66,9 @@ class AdapterSet:
     dirs: dict[str, Path]  # adapter name -> PEFT directory
 
 
-def make_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, seed: int = 1) -> AdapterSet:
-    """Create the adapters with PEFT itself (B non-zero) and save them with save_pretrained."""
+def save_peft_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, seed: int = 1,
+                       b_std: float = 0.2) -> dict[str, Path]:
+    """Create adapters with PEFT itself (B non-zero) and save them with save_pretrained."""
     fan = isinstance(base, GPT2LMHeadModel)
     dirs: dict[str, Path] = {}
     for i, (name, spec) in enumerate(specs.items()):
@@ -68,9 +78,15 @@ def make_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, see
         with torch.no_grad():  # make B large enough that adapters change the logits visibly
             for n, p in model.named_parameters():
                 if "lora_B" in n:
-                    p.normal_(0, 0.2)
+                    p.normal_(0, b_std)
         dirs[name] = root / name
         model.save_pretrained(dirs[name])
+    return dirs
+
+
+def make_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, seed: int = 1) -> AdapterSet:
+    """PEFT-made adapters plus one PeftModel holding all of them (the reference)."""
+    dirs = save_peft_adapters(base, specs, root, seed)
     names = list(dirs)
     peft = PeftModel.from_pretrained(copy.deepcopy(base), dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:

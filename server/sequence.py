@@ -1,0 +1,79 @@
+"""State of one sample of a request while the engine owns it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.detokenize import IncrementalDetokenizer, StopStringMatcher
+from server.engine_types import FinishReason, GenerationRequest, SeqOutput
+
+
+class RequestStream:
+    """Carries a request's SeqOutputs from the engine thread to the caller's event loop."""
+
+    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.req = req
+        self.loop = loop
+        self.queue: asyncio.Queue[SeqOutput | None] = asyncio.Queue()
+        self.open_samples = req.params.n
+
+    def put(self, out: SeqOutput) -> None:
+        """Thread-safe; closes the stream after the last sample's last output."""
+        if out.finish_reason is not None:
+            self.open_samples -= 1
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+            if self.open_samples == 0:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        except RuntimeError:  # the caller's event loop is gone: nobody is listening
+            pass
+
+
+@dataclass(eq=False)
+class Sequence:
+    req: GenerationRequest
+    index: int  # sample index in 0..n-1
+    stream: RequestStream
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    stopper: StopStringMatcher
+    output_ids: list[int] = field(default_factory=list)
+    row: int | None = None  # KV-cache row while admitted
+    slot: int = -1  # adapter slot while admitted (-1: base model)
+    prefilled: int = 0  # prompt tokens already written to the cache
+    finished: FinishReason | None = None
+    t_admitted: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    emitted_text: int = 0
+
+    @property
+    def adapter_key(self) -> str | None:
+        a = self.req.adapter
+        return None if a is None else f"{a.key}@{a.sha256}"
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < self.prompt_len
+
+    @property
+    def length(self) -> int:
+        """Tokens this sequence holds in the cache once its last output token is fed back."""
+        return self.prompt_len + len(self.output_ids)
+
+    def mark_token(self, now: float | None = None) -> float | None:
+        """Record a token's time; returns the inter-token gap (None for the first token)."""
+        now = time.monotonic() if now is None else now
+        gap = None if self.t_last is None else now - self.t_last
+        if self.t_first is None:
+            self.t_first = now
+        self.t_last = now
+        return gap

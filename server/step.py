@@ -1,0 +1,87 @@
+"""Packing the running sequences into one step, and turning its logits into tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine_types import TokenLogprob
+from server.model_runner import StepInput
+from server.sampling import apply_min_tokens, compute_logprobs, sample
+from server.sequence import Sequence
+
+
+@dataclass
+class StepPlan:
+    step: StepInput
+    sampled: list[Sequence] = field(default_factory=list)  # sequences with a logits row, in row order
+    prefill_counts: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt tokens fed this step
+
+
+def build_step(running: list[Sequence], merged_slot: int | None, budget: int) -> StepPlan:
+    """One decode token per decoding sequence, then prefill chunks (oldest first) up to `budget` tokens.
+
+    Tokens are packed grouped by adapter slot, rows of the merged adapter first: the LoRA planner
+    then runs each slot's tokens as one contiguous run (see server/lora_batch.py).
+    """
+    decodes = [s for s in running if not s.in_prefill]
+    budget -= len(decodes)
+    chunks: dict[int, int] = {}
+    for seq in sorted((s for s in running if s.in_prefill), key=lambda s: (s.t_admitted, s.row)):
+        n = min(seq.prompt_len - seq.prefilled, budget)
+        if n <= 0:
+            break
+        chunks[id(seq)] = n
+        budget -= n
+    entries = decodes + [s for s in running if id(s) in chunks]
+    entries.sort(key=lambda s: (merged_slot is None or s.slot != merged_slot, s.slot, s.row))
+
+    step = StepInput([], [], [], [])
+    plan = StepPlan(step)
+    for seq in entries:
+        start = len(step.token_ids)
+        if id(seq) in chunks:
+            n = chunks[id(seq)]
+            pos0 = seq.prefilled
+            step.token_ids += seq.req.prompt_ids[pos0 : pos0 + n]
+            step.positions += range(pos0, pos0 + n)
+            step.prefills.append((start, start + n, seq.row, pos0))
+            plan.prefill_counts.append((seq, n))
+            if pos0 + n < seq.prompt_len:
+                step.rows += [seq.row] * n
+                step.token_slots += [seq.slot] * n
+                continue
+        else:
+            n = 1
+            step.token_ids.append(seq.output_ids[-1])
+            step.positions.append(seq.length - 1)
+            step.decode.append(start)
+        step.rows += [seq.row] * n
+        step.token_slots += [seq.slot] * n
+        step.logits_idx.append(start + n - 1)
+        plan.sampled.append(seq)
+    return plan
+
+
+def sample_step(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int],
+                tokenizer) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+    """logits: [len(seqs), V] float32 -> (sequence, token, logprob entry) for each row."""
+    params = [s.req.params for s in seqs]
+    masked = apply_min_tokens(logits, params, [len(s.output_ids) for s in seqs], eos_ids)
+    tokens = sample(masked, params, [s.generator for s in seqs]).tolist()
+    entries: list[TokenLogprob | None] = [None] * len(seqs)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if rows:
+        k = max(params[i].logprobs for i in rows)
+        idx = torch.tensor(rows, device=logits.device)
+        chosen, top_ids, top_lp = compute_logprobs(logits[idx], torch.tensor([tokens[i] for i in rows]), k)
+        for j, i in enumerate(rows):
+            kk = params[i].logprobs
+            top = tuple(
+                (t, tokenizer.decode([t]), lp)
+                for t, lp in zip(top_ids[j, :kk].tolist(), top_lp[j, :kk].tolist(), strict=True)
+            )
+            entries[i] = TokenLogprob(tokens[i], tokenizer.decode([tokens[i]]), float(chosen[j]), top)
+    return [(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, entries, strict=True)]

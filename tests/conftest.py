@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama saved as an HF directory with the default model's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from server.model_loader import DEFAULT_GGUF, default_gguf_path
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer with its chat template (from the GGUF, no hub)."""
+    gguf = default_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=DEFAULT_GGUF)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chat_tokenizer) -> Path:
+    """A 2-layer random Llama (GQA) with the real tokenizer, saved like any HF model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=chat_tokenizer.bos_token_id, eos_token_id=chat_tokenizer.eos_token_id,
+                      pad_token_id=chat_tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits so greedy choices are far from ties
+        model.lm_head.weight.mul_(8)
+    model.save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Eight PEFT adapters (ranks 2-16, various targets) for the tiny chat model."""
+    from tiny_models import SERVING_ADAPTERS, save_peft_adapters
+
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    return save_peft_adapters(base, SERVING_ADAPTERS, tmp_path_factory.mktemp("tiny-adapters"), b_std=0.5)
