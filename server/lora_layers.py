@@ -52,7 +52,7 @@ class ProjectionGroup:
         kw = dict(device=runtime.device, dtype=runtime.dtype)
         d_in = shapes[0].d_in
         self.A = torch.zeros(s, r, len(names), d_in, **kw)  # [S, r_max, M, d_in]
-        self.B = [torch.zeros(s, sh.d_out, r, **kw) for sh in shapes]  # [S, d_out, r_max] each
+        self.B = [torch.zeros(s, r, sh.d_out, **kw) for sh in shapes]  # [S, r_max, d_out] each (B transposed)
         self.has = [False] * s  # slot has weights for at least one member
         self._key: tuple[int, int] | None = None
         self._shrunk: Shrunk | None = None
@@ -84,7 +84,7 @@ class ProjectionGroup:
                 continue
             r = w.A.shape[0]
             self.A[slot, :r, j].copy_(w.A)
-            self.B[j][slot, :, :r].copy_(w.B.float().mul(w.scale))
+            self.B[j][slot, :r].copy_(w.B.float().mul(w.scale).T)
             found = True
         self.has[slot] = found
 
@@ -96,7 +96,7 @@ class ProjectionGroup:
 
     def delta(self, member: int, slot: int) -> torch.Tensor:
         """s·B·A of one member for the adapter in `slot`, float32: [d_out, d_in]."""
-        return self.B[member][slot].float() @ self.A[slot, :, member].float()
+        return self.B[member][slot].float().T @ self.A[slot, :, member].float()
 
 
 class LoraProjection(nn.Module):

@@ -2,14 +2,14 @@
 
 Buffers of one group of M projections over S slots:
     A:    [S, r_max, M, d_in]   (rank-major so that slicing to the batch's rank stays a view)
-    B[j]: [S, d_out_j, r_max]   (pre-scaled by the adapter's s = alpha/r for that module)
+    B[j]: [S, r_max, d_out_j]   (B transposed, pre-scaled by the adapter's s = alpha/r for that module)
 
 Semantics, as a plain loop (the oracle `lora_reference` below is exactly this):
 
     for t in range(N):
         s = token_slots[t]
-        if s >= 0 and s != merged:  y_j[t] += B[j][s] @ (A[s, :, j] @ x[t])
-        if merged is not None and s != merged:  y_j[t] -= B[j][merged] @ (A[merged, :, j] @ x[t])
+        if s >= 0 and s != merged:  y_j[t] += (A[s, :, j] @ x[t]) @ B[j][s]
+        if merged is not None and s != merged:  y_j[t] -= (A[merged, :, j] @ x[t]) @ B[j][merged]
 
 The shrink (x @ A) is done once for all M members; each member then expands its own slice.
 """
@@ -47,6 +47,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
         g, length = batch.groups, batch.group_len
         if batch.gather_slots is None:
             a = A[batch.slot_lo : batch.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
+            if a.dtype != torch.float32:  # CPU bf16/f16 bmm is several times faster on a packed copy
+                a = a.contiguous()
         else:
             a = A.index_select(0, batch.gather_slots)[:, :r].reshape(g, r * m, -1)
         if batch.tok_idx is None:
@@ -69,26 +71,25 @@ def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
 
 
 def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: LoraBatch) -> None:
-    """y: [N, d_out] += this member's side paths (in place). B: [S, d_out, r_max]."""
+    """y: [N, d_out] += this member's side paths (in place). B: [S, r_max, d_out]."""
     r = batch.rank
     if s.bmm is not None:
         g, length = batch.groups, batch.group_len
         if batch.gather_slots is None:
-            b = B[batch.slot_lo : batch.slot_lo + g, :, :r]  # [G, d_out, r] view
+            b = B[batch.slot_lo : batch.slot_lo + g, :r]  # [G, r, d_out] view
         else:
-            b = B.index_select(0, batch.gather_slots)[:, :, :r]
-        xa = s.bmm[..., member]  # [G, L, r]
+            b = B.index_select(0, batch.gather_slots)[:, :r]
+        delta = torch.bmm(s.bmm[..., member], b)  # [G, L, d_out]
         if batch.tok_idx is None:
-            out = y[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1)
-            out.baddbmm_(xa, b.transpose(1, 2))
+            y[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1).add_(delta)
         else:
-            y.index_add_(0, batch.tok_idx, torch.bmm(xa, b.transpose(1, 2)).view(g * length, -1))
+            y.index_add_(0, batch.tok_idx, delta.view(g * length, -1))
     else:
         for (start, end, slot), xa in zip(batch.runs, s.runs, strict=True):
-            y[start:end].addmm_(xa[..., member], B[slot, :, :r].T)
+            y[start:end].addmm_(xa[..., member], B[slot, :r])
     if s.subtract is not None:
         start, end, slot = batch.subtract
-        y[start:end].addmm_(s.subtract[..., member], B[slot, :, : batch.subtract_rank].T, alpha=-1)
+        y[start:end].addmm_(s.subtract[..., member], B[slot, : batch.subtract_rank], alpha=-1)
 
 
 def lora_reference(
@@ -100,11 +101,11 @@ def lora_reference(
     merged_slot: int | None = None,
 ) -> torch.Tensor:
     """The oracle: per-token plain loop in float64. x: [N, d_in] -> delta [N, d_out]."""
-    out = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)
+    out = torch.zeros(x.shape[0], B.shape[2], dtype=torch.float64)
     for t, slot in enumerate(token_slots):
         xt = x[t].double()
         if slot != NO_ADAPTER and slot != merged_slot:
-            out[t] += B[slot].double() @ (A[slot, :, member].double() @ xt)
+            out[t] += (A[slot, :, member].double() @ xt) @ B[slot].double()
         if merged_slot is not None and slot != merged_slot:
-            out[t] -= B[merged_slot].double() @ (A[merged_slot, :, member].double() @ xt)
+            out[t] -= (A[merged_slot, :, member].double() @ xt) @ B[merged_slot].double()
     return out

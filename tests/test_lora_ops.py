@@ -18,11 +18,11 @@ def buffers(seed: int):
     g = torch.Generator().manual_seed(seed)
     ranks = [2, 8, 4, 8, 6, 1]
     A = torch.zeros(S, R, M, D_IN)
-    B = [torch.zeros(S, d, R) for d in D_OUT]
+    B = [torch.zeros(S, R, d) for d in D_OUT]
     for s, r in enumerate(ranks):
         A[s, :r] = torch.randn(r, M, D_IN, generator=g)
         for b in B:
-            b[s, :, :r] = torch.randn(b.shape[1], r, generator=g)
+            b[s, :r] = torch.randn(r, b.shape[2], generator=g)
     return A, B, ranks
 
 
