@@ -1,0 +1,143 @@
+"""OpenAI error bodies (`{"error": {"message", "type", "code", "param"}}`) for every error the server returns."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_store.errors import AdapterError
+from server.api.schemas import ErrorResponse
+from server.engine_types import EngineOverloaded, EngineStopped
+
+log = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+_CODES = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    422: "invalid_request",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+
+_DESCRIPTIONS = {
+    400: "invalid request", 401: "missing or invalid API key", 403: "not allowed for this key's role",
+    404: "not found", 409: "conflict", 413: "body or adapter too large", 422: "invalid request fields",
+    429: "tenant over its concurrency limit (see Retry-After)", 500: "internal error",
+    503: "overloaded or not ready (see Retry-After)",
+}
+
+_REASONS = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 413: "body_too_large",
+            422: "invalid_request", 429: "tenant_limit"}
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI error body; `headers` (e.g. Retry-After) are sent with it."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, *, param: str | None = None,
+                 headers: dict[str, str] | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or _CODES.get(status, "error")
+        self.param = param
+        self.headers = headers or {}
+        self.reason = reason or _REASONS.get(status)  # rejection reason for metrics, None if not a rejection
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` entries: these statuses answer with the OpenAI error body."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS.get(status, "error")} for status in statuses}
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return _TYPES.get(status, "invalid_request_error")
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type(status), "code": code or _CODES.get(status, "error"),
+                      "param": param}}
+
+
+def error_response(status: int, message: str, code: str | None = None, *, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """Map engine and adapter-store exceptions (and ValueError from validation) to an APIError."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineOverloaded):
+        retry = str(max(1, round(exc.retry_after)))
+        return APIError(503, str(exc), "server_overloaded", headers={"Retry-After": retry})  # counted by the engine
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), "engine_stopped", headers={"Retry-After": "5"}, reason="engine_stopped")
+    if isinstance(exc, AdapterError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return APIError(exc.status, exc.message, exc.code, headers=headers)
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), "invalid_request", reason="invalid_request")
+    raise TypeError(f"not an API error: {exc!r}")
+
+
+def _describe(errors: list[dict]) -> tuple[str, str | None]:
+    parts = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    first = errors[0].get("loc", ()) if errors else ()
+    param = ".".join(str(p) for p in first if p not in ("body", "query", "path", "header")) or None
+    return "; ".join(parts) or "invalid request", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error, FastAPI's own included (422 validation, 404/405 routing), gets the OpenAI error body."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _count_rejection(request, exc.reason)
+        return error_response(exc.status, exc.message, exc.code, param=exc.param, headers=exc.headers)
+
+    @app.exception_handler(AdapterError)
+    @app.exception_handler(EngineOverloaded)
+    @app.exception_handler(EngineStopped)
+    async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+        return await _api_error(request, to_api_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe(list(exc.errors()))
+        _count_rejection(request, "invalid_request")
+        return error_response(422, message, "invalid_request", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        if exc.status_code == 413:
+            _count_rejection(request, "body_too_large")
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}", "internal_error")
+
+
+def _count_rejection(request: Request, reason: str | None) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if reason and metrics is not None:
+        metrics.rejections.labels(reason).inc()

@@ -1,0 +1,220 @@
+"""Request and response bodies (OpenAI shapes for completions, chat and models; loramux's for adapters)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.sampling import MAX_LOGPROBS
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k, min_tokens, ignore_eos, ...)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="an adapter id, or the base model's served name")
+    temperature: float | None = Field(1.0, ge=0, le=1e6)
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off")
+    seed: Seed | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=2**31 - 1)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    presence_penalty: float | None = Field(None, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, description="only 0 is supported")
+    user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="text, a list of texts, a list of token ids, or a list of token-id lists"
+    )
+    max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="not supported: must be false")
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions format."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    namespace: str = Field(description="the owning tenant, or 'shared'")
+    shared: bool
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    sha256: str
+    created_at: float
+    residency: Literal["disk", "host", "device"]
+    pinned: bool
+    in_flight: int
+    requests_served: int
+    last_used: float | None = Field(description="unix time of the last request, null if never used")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterEvicted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    namespace: str
+    evicted: bool
+    purged: bool
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's `/v1/load_lora_adapter` body."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's `/v1/unload_lora_adapter` body."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+class ReadyStatus(BaseModel):
+    status: str
+    model: str
+    running: int
+    waiting: int
+    mode: str

@@ -1,0 +1,65 @@
+"""Server settings: one pydantic-settings class, filled from CLI flags and `LORAMUX_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every flag of `loramux-server`; `--max-loras` becomes `max_loras` and `LORAMUX_MAX_LORAS`."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_", extra="forbid", protected_namespaces=())
+
+    model: str = Field("default", description="'default', a Hugging Face model directory or a .gguf file")
+    adapters_dir: Path = Field(Path(".loramux/adapters"), description="root of the durable adapter store")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    mode: Literal["auto", "batched", "merged"] = "auto"
+    max_batch_size: int = Field(32, ge=1, description="running sequences (KV-cache rows)")
+    max_loras: int = Field(16, ge=1, description="adapters resident in device slots")
+    max_cpu_loras: int = Field(64, ge=0, description="adapters kept in host memory")
+    max_rank: int = Field(64, ge=1)
+    api_keys_file: Path | None = Field(None, description="YAML/JSON keys file; without it the server runs open")
+    served_model_name: str | None = Field(None, description="name of the base model (default: the model's name)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="adapter ids made resident at start-up ('ns/id' for a tenant's)"
+    )
+    seed_adapters: Path | None = Field(
+        None, description="import every PEFT sub-directory of this directory into the shared namespace at start"
+    )
+    max_model_len: int = Field(2048, ge=2)
+    max_tokens_per_step: int = Field(512, ge=1)
+    max_waiting: int = Field(256, ge=1, description="queued sequences before requests get 503")
+    max_concurrent_per_tenant: int = Field(64, ge=1, description="concurrent generation requests per tenant")
+    max_upload_mb: float = Field(256, gt=0, description="cap on an upload's body and an adapter's weights")
+    max_n: int = Field(8, ge=1)
+    max_stop: int = Field(8, ge=0)
+    vllm_lora_dir: Path | None = Field(
+        None, description="allow-listed directory for the vLLM-style load/unload routes (off when unset)"
+    )
+    drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_preload(cls, value: object) -> object:
+        """Accept `a,b c` (env var) as well as a list whose items may hold commas."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        return [part for item in items for part in str(item).replace(",", " ").split()]
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
