@@ -119,8 +119,9 @@ class Engine:
         bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
-        if req.params.n > self.config.max_batch_size:
-            raise ValueError(f"n={req.params.n} exceeds the batch size {self.config.max_batch_size}")
+        if req.params.n > min(self.config.max_batch_size, self.config.max_waiting):
+            raise ValueError(f"n={req.params.n} exceeds what the server can hold at once "
+                             f"(batch size {self.config.max_batch_size}, queue {self.config.max_waiting})")
 
     def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestStream:
         if not self._accepting or not self.alive:
@@ -305,7 +306,7 @@ class Engine:
             return
         for seq, n in plan.prefill_counts:
             seq.prefilled += n
-            self.metrics.prompt_tokens.labels(seq.req.adapter.id if seq.req.adapter else "").inc(n)
+            self.metrics.prompt_tokens.labels(_label(seq)).inc(n)
         sampled = sample_step(logits, plan.sampled, self.eos_ids, self.tokenizer)
         now = time.monotonic()
         for seq, token, logprob in sampled:
@@ -330,7 +331,7 @@ class Engine:
         p = seq.req.params
         seq.output_ids.append(token)
         gap = seq.mark_token(now)
-        adapter = seq.req.adapter.id if seq.req.adapter is not None else ""
+        adapter = _label(seq)
         if gap is None:
             self.metrics.ttft.labels(adapter).observe(now - seq.req.arrival)
         else:
@@ -355,6 +356,7 @@ class Engine:
             request_id=seq.req.request_id, index=seq.index, text=text, token_ids=(token,),
             logprobs=(logprob,) if logprob is not None else None, finish_reason=reason,
             prompt_tokens=seq.prompt_len, completion_tokens=n_out,
+            queue_seconds=seq.t_admitted - seq.req.arrival if gap is None else None,
         ))
         if reason is not None:
             self._release(seq, reason)
@@ -373,7 +375,7 @@ class Engine:
 
     def _release(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finished = reason
-        adapter = seq.req.adapter.id if seq.req.adapter is not None else ""
+        adapter = _label(seq)
         self.metrics.requests.labels(adapter, reason).inc()
         if seq.t_last is not None:
             self.metrics.e2e.labels(adapter).observe(seq.t_last - seq.req.arrival)
@@ -384,6 +386,13 @@ class Engine:
             if seq.req.adapter is not None:
                 self.residency.release(seq.req.adapter, seq.slot)
         seq.row = None
+        self.metrics.requests_running.set(len(self._running))
+        self.metrics.kv_rows_used.set(len(self._running))
+
+
+def _label(seq: Sequence) -> str:
+    """Metric label of a sequence's adapter: its namespaced key ('' for the base model)."""
+    return seq.req.adapter.key if seq.req.adapter is not None else ""
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

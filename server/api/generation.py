@@ -254,6 +254,7 @@ async def _collect(run: GenerationRun, job: Job, request: Request) -> list[Choic
             raise error
         if record is not None and record.ttft_s is None and out.token_ids:
             record.ttft_s = time.perf_counter() - start
+            record.queue_s = out.queue_seconds
         _accumulate(choices[index], out)
     if record is not None:
         record.completion_tokens = sum(c.completion_tokens for c in choices)
@@ -315,6 +316,7 @@ async def _sse(run: GenerationRun, job: Job, shape: ResponseShape, response_id: 
                 break
             if record is not None and record.ttft_s is None and out.token_ids:
                 record.ttft_s = time.perf_counter() - start
+                record.queue_s = out.queue_seconds
             choice = choices[index]
             _accumulate(choice, out)
             if out.text or out.finish_reason is not None or out.logprobs:

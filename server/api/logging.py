@@ -31,6 +31,7 @@ class AccessRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_s: float | None = None  # handler start to the first generated token
+    queue_s: float | None = None  # arrival at the engine to admission into the running batch
     error: str | None = None
     disconnected: bool = False
     start: float = field(default_factory=time.perf_counter, repr=False)
