@@ -46,7 +46,7 @@ class EngineConfig:
     mode: Mode = "auto"
     max_batch_size: int = 32  # running sequences (one KV row each)
     max_model_len: int = 2048
-    max_tokens_per_step: int = 512  # packed tokens per forward (prefill chunk budget)
+    max_tokens_per_step: int = 256  # packed tokens per forward (prefill chunk budget)
     max_waiting: int = 256
     merge_share: float = 0.75
     unmerge_share: float = 0.5
@@ -308,15 +308,15 @@ class Engine:
             seq.prefilled += n
             self.metrics.prompt_tokens.labels(_label(seq)).inc(n)
         sampled = sample_step(logits, plan.sampled, self.eos_ids, self.tokenizer)
-        now = time.monotonic()
-        for seq, token, logprob in sampled:
-            self._append(seq, token, logprob, now)
         dt = time.perf_counter() - t0
         kind = self._step_kind()
         self._steps += 1
         self._step_seconds[kind] += dt
         self.metrics.steps.labels(kind).inc()
         self.metrics.step_seconds.labels(kind).inc(dt)
+        now = time.monotonic()
+        for seq, token, logprob in sampled:
+            self._append(seq, token, logprob, now)
         self.metrics.requests_running.set(len(self._running))
         self.metrics.requests_waiting.set(len(self._waiting))
         self.metrics.kv_rows_used.set(len(self._running))

@@ -4,7 +4,8 @@ Unmerging by subtraction (dLoRA) drifts: fl(fl(W + D) - D) != W, and in bf16 the
 every swap. Here the original weight of every projection an adapter touches is kept once (a
 "golden" copy, made the first time that projection is merged), and a swap writes
 `W = golden + D'` in one pass. Restoring is a copy, so weights equal the originals bitwise after any
-number of swaps. Cost: one extra copy of the merged projections' weights, only once something merges.
+number of swaps. A swap is one fused pass per projection, `addmm(golden, B, A, out=W)`. Cost: one extra
+copy of the merged projections' weights, only once something merges.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ class MergedWeights:
     def _weight(self, name: str) -> torch.Tensor:
         return self.runtime.modules[name].weight
 
-    def _delta(self, name: str, slot: int) -> torch.Tensor:
-        group, member = self.runtime.member_of[name]
-        delta = group.delta(member, slot)  # [d_out, d_in] float32
-        return delta.T if self.runtime.shapes[name].fan_in_fan_out else delta
-
     @torch.no_grad()
     def merge(self, slot: int | None) -> None:
         """Make the weights hold `golden + delta(slot)` (or plain golden for None)."""
@@ -45,9 +41,21 @@ class MergedWeights:
             w = self._weight(name)
             if name not in self._golden:
                 self._golden[name] = w.detach().clone()
-            w.copy_(torch.add(self._golden[name].float(), self._delta(name, slot)))
+            self._write_merged(name, slot, w)
         self._touched = targets
         self.slot = slot
+
+    def _write_merged(self, name: str, slot: int, w: torch.Tensor) -> None:
+        """w = golden + s·B·A in one fused pass (addmm), sliced to the adapter's rank."""
+        group, member = self.runtime.member_of[name]
+        r = self.runtime.slot_ranks[slot]
+        a = group.A[slot, :r, member]  # [r, d_in]
+        bt = group.B[member][slot, :r]  # [r, d_out] (scaled)
+        golden = self._golden[name]
+        if self.runtime.shapes[name].fan_in_fan_out:  # Conv1D weight [d_in, d_out]: delta^T = A^T·B^T
+            torch.addmm(golden, a.T, bt, out=w)
+        else:  # weight [d_out, d_in]: delta = B·A
+            torch.addmm(golden, bt.T, a, out=w)
 
     def unmerge(self) -> None:
         self.merge(None)

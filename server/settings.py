@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         None, description="import every PEFT sub-directory of this directory into the shared namespace at start"
     )
     max_model_len: int = Field(2048, ge=2)
-    max_tokens_per_step: int = Field(512, ge=1)
+    max_tokens_per_step: int = Field(256, ge=1)
     merge_share: float = Field(0.75, gt=0, le=1, description="auto: merge an adapter holding this share of rows")
     unmerge_share: float = Field(0.5, gt=0, le=1, description="auto: keep it merged while it holds this share")
     max_turn_s: float = Field(2.0, gt=0, description="merged: longest wait an adapter's turn may impose")
