@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -92,6 +93,18 @@ async def preload(app: FastAPI, ids: list[str]) -> None:
         log.info("preloaded adapter %s into slot %d (pinned)", record.key, slot)
 
 
+def ready_banner(settings: Settings, model_name: str, store: AdapterStore) -> str:
+    """The URL and one copy-paste request (with a demo adapter when one is stored)."""
+    url = f"http://{settings.host}:{settings.port}"
+    shared = [r.id for r in store.list(SHARED)]
+    model = "shout" if "shout" in shared else (shared[0] if shared else model_name)
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                       "max_tokens": 32, "temperature": 0})
+    auth = " -H 'Authorization: Bearer $KEY'" if settings.api_keys_file else ""
+    return (f"ready: {url}  (API docs at {url}/docs)\n  try:  curl -s {url}/v1/chat/completions "
+            f"-H 'Content-Type: application/json'{auth} -d '{body}'")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -127,6 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("running open, without API keys: every caller is the local admin (set --api-keys-file)")
     else:
         log.info("API keys loaded for %d tenants", services.keys.tenants)
+    log.info("%s", ready_banner(settings, state.served_model_name, services.store))
     try:
         yield
     finally:
