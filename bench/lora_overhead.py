@@ -1,0 +1,155 @@
+"""LoRA overhead at the forward level on the default model, against PEFT in the same run.
+
+For each dtype: mixed batches of B rows (every row a different rank-16 adapter on q,k,v,o,gate,up,
+down) at prefill (64 tokens) and at one decode step over a 256-token KV cache, as time / the
+base model's time for the same batch (ours: our runner with no adapter; PEFT: adapters disabled);
+merged swap vs PEFT unmerge_adapter + merge_adapter; cold load from the store to a device slot.
+
+    python bench/lora_overhead.py --json bench/lora_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft, median_time, parsed
+from transformers import DynamicCache
+
+from adapters_store.format import ValidationLimits, parse_adapter
+from adapters_store.residency import Residency
+from adapters_store.store import SHARED, AdapterStore
+from server.model_runner import ModelRunner, StepInput
+
+PREFILL, KV = 64, 256
+
+
+def prefill_step(rows: int, slots: list[int], length: int, ids: torch.Tensor, last_only: bool = True) -> StepInput:
+    step = StepInput([], [], [], [])
+    for r in range(rows):
+        start = len(step.token_ids)
+        step.token_ids += ids[r, :length].tolist()
+        step.rows += [r] * length
+        step.positions += list(range(length))
+        step.token_slots += [slots[r]] * length
+        step.prefills.append((start, start + length, r, 0))
+        step.logits_idx.append(start + length - 1)
+    return step
+
+
+def decode_step(rows: int, slots: list[int], ids: torch.Tensor) -> StepInput:
+    return StepInput(ids[:rows, KV].tolist(), list(range(rows)), [KV] * rows, slots[:rows],
+                     decode=list(range(rows)), logits_idx=list(range(rows)))
+
+
+def measure_batch(runner: ModelRunner, peft, names: list[str], ids: torch.Tensor, b: int, reps: int,
+                  dtype: str) -> dict[str, float]:
+    """Prefill and decode of b rows, each its own adapter, against the base model, ours and PEFT's."""
+    out: dict[str, float] = {}
+    lora, base = list(range(b)), [-1] * b
+    t_base = median_time(lambda: runner.forward(prefill_step(b, base, PREFILL, ids)), reps)
+    t_lora = median_time(lambda: runner.forward(prefill_step(b, lora, PREFILL, ids)), reps)
+    x = ids[:b, :PREFILL]
+    with peft.disable_adapter():
+        p_base = median_time(lambda: peft(input_ids=x, logits_to_keep=1), reps)
+    p_lora = median_time(lambda: peft(input_ids=x, adapter_names=names[:b], logits_to_keep=1), reps)
+    out[f"{dtype}_prefill_b{b}_ours_vs_base"] = t_lora / t_base
+    out[f"{dtype}_prefill_b{b}_peft_vs_base"] = p_lora / p_base
+    out[f"{dtype}_prefill_b{b}_peft_time_vs_ours"] = p_lora / t_lora
+
+    runner.forward(prefill_step(b, base, KV, ids))  # fill each row's cache to 256 tokens
+    t_base = median_time(lambda: runner.forward(decode_step(b, base, ids)), reps * 3)
+    t_lora = median_time(lambda: runner.forward(decode_step(b, lora, ids)), reps * 3)
+    cache = DynamicCache(config=peft.config)
+    peft(input_ids=ids[:b, :KV], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    step_ids = ids[:b, KV : KV + 1]
+
+    def peft_decode(**kw):
+        peft(input_ids=step_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        cache.crop(-1)
+
+    with peft.disable_adapter():
+        p_base = median_time(peft_decode, reps * 3)
+    p_lora = median_time(lambda: peft_decode(adapter_names=names[:b]), reps * 3)
+    out[f"{dtype}_decode_b{b}_ours_vs_base"] = t_lora / t_base
+    out[f"{dtype}_decode_b{b}_peft_vs_base"] = p_lora / p_base
+    out[f"{dtype}_decode_b{b}_peft_time_vs_ours"] = p_lora / t_lora
+    return out
+
+
+def bench_dtype(dtype: str, batches: list[int], reps: int) -> dict:
+    loaded = load_default(dtype)
+    n_adapters = max(batches)
+    specs = {f"r16_{i}": dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR) for i in range(n_adapters)}
+    peft = make_peft(loaded.model, specs)
+    names = list(specs)
+    runner = ModelRunner(loaded.model, max_loras=n_adapters, max_rank=16, max_seqs=n_adapters,
+                         max_model_len=KV + 8)
+    for slot, name in enumerate(names):
+        runner.lora.load_slot(slot, parsed(peft, name, runner.lora.target_shapes))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40000, (n_adapters, KV + 1), generator=g)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for b in batches:
+            out.update(measure_batch(runner, peft, names, ids, b, reps, dtype))
+        decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
+        state = {"i": 0}
+
+        def ours_swap():
+            state["i"] ^= 1
+            runner.merged.merge(state["i"])
+
+        t_swap = median_time(ours_swap, reps)
+        runner.merged.unmerge()
+
+        def peft_swap():
+            state["i"] ^= 1
+            peft.unmerge_adapter()
+            peft.set_adapter(names[state["i"]])
+            peft.merge_adapter()
+
+        peft.set_adapter(names[0])
+        peft.merge_adapter()
+        p_swap = median_time(peft_swap, reps)
+        peft.unmerge_adapter()
+        out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap
+        out[f"{dtype}_swap_vs_decode_step_b8"] = t_swap / decode8
+        out[f"{dtype}_swap_ms"] = t_swap * 1e3
+
+        with tempfile.TemporaryDirectory() as tmp:
+            limits = ValidationLimits(max_rank=16)
+            shapes = runner.lora.target_shapes
+            store = AdapterStore(Path(tmp), lambda i, c, w: parse_adapter(i, c, w, shapes, limits))
+            record, _ = store.put(SHARED, "cold", *adapter_files(peft, names[0]))
+            residency = Residency(store, runner.lora, max_device=n_adapters, max_host=0)
+
+            def cold():
+                slot = residency.acquire(record)
+                residency.release(record, slot)
+                residency.evict(record)
+
+            t_cold = median_time(cold, reps)
+        out[f"{dtype}_cold_load_ms"] = t_cold * 1e3
+        out[f"{dtype}_cold_load_ms_per_mb"] = t_cold * 1e3 / (record.size_bytes / 2**20)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", dest="json_path")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads()}
+    for dtype in args.dtypes:
+        results.update(bench_dtype(dtype, args.batches, args.reps))
+    emit(results, args.json_path)
+
+
+if __name__ == "__main__":
+    main()
