@@ -123,7 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     config = EngineConfig(mode=settings.mode, max_batch_size=settings.max_batch_size,
                           max_model_len=settings.max_model_len, max_tokens_per_step=settings.max_tokens_per_step,
                           max_waiting=settings.max_waiting, merge_share=settings.merge_share,
-                          unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s)
+                          unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
+                          threads=settings.threads)
     state.engine = engine = Engine(runner, loaded.tokenizer, services.residency, config, metrics)
     engine.start()
     state.started_at = time.time()

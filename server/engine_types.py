@@ -56,6 +56,7 @@ class SeqOutput:
     prompt_tokens: int
     completion_tokens: int  # generated so far by this sample
     error: str | None = None
+    error_status: int | None = None  # HTTP status that fits the error (e.g. 404: adapter purged while queued)
     queue_seconds: float | None = None  # on a sample's first token: arrival to admission into the batch
 
 

@@ -1,8 +1,11 @@
 """Per-step LoRA batch metadata: which tokens use which adapter slot, planned once per step.
 
-The plan is shared by every LoRA layer of the step. Tokens are best packed grouped by slot (the
-engine sorts its rows so): then each slot's tokens form one contiguous run and the side paths run as
-one batched matmul over a view of the slot buffers, with no gathering of weights or activations.
+The plan is shared by every LoRA layer of the step. Adapters are grouped by rank bucket (the next
+power of two of their rank), so a batch mixing ranks 4 and 64 never pads the rank-4 adapters to 64
+(vLLM and LoRAX pad every adapter to the largest rank). Within a bucket, tokens are best packed
+grouped by slot (the engine sorts its rows by bucket, then slot): each slot's tokens then form one
+contiguous run and the bucket's side paths run as one batched matmul over a view of the slot
+buffers, with no gathering of weights or activations.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ NO_ADAPTER = -1
 PathKind = Literal["runs", "bmm"]
 
 
+def rank_bucket(rank: int) -> int:
+    """Adapters whose ranks share a bucket are computed together at the bucket's largest rank."""
+    return 0 if rank <= 0 else 1 << (rank - 1).bit_length()
+
+
 @dataclass(frozen=True)
-class LoraBatch:
-    """Side-path plan of one step (N packed tokens).
+class LoraPart:
+    """Side paths of the adapters of one rank bucket.
 
     `runs` always describes the work: contiguous token runs [start, end) that add slot `slot`.
     `kind == "bmm"` says the same work can run as one batched matmul over G groups of L rows:
@@ -27,11 +35,8 @@ class LoraBatch:
     (or, when `tok_idx` is None, the contiguous tokens `bmm_start + g*L ... + L`).
     """
 
-    n_tokens: int
     runs: tuple[tuple[int, int, int], ...]  # (start, end, slot), slot >= 0
     rank: int  # max rank of the adapters in the runs (slot buffers are sliced to it)
-    subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
-    subtract_rank: int
     kind: PathKind
     groups: int = 0  # G
     group_len: int = 0  # L
@@ -41,9 +46,24 @@ class LoraBatch:
     tok_idx: torch.Tensor | None = None  # [G*L] long; padded entries point at token 0 and are masked
     mask: torch.Tensor | None = None  # [G, L, 1] model dtype: 1 for real rows, 0 for padding
 
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Side-path plan of one step (N packed tokens): one part per rank bucket, and the merged adapter
+    to subtract from the tokens that are not its own."""
+
+    n_tokens: int
+    parts: tuple[LoraPart, ...]
+    subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
+    subtract_rank: int
+
+    @property
+    def slots(self) -> set[int]:
+        return {slot for part in self.parts for _, _, slot in part.runs}
+
     @property
     def empty(self) -> bool:
-        return not self.runs and self.subtract is None
+        return not self.parts and self.subtract is None
 
 
 def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]]:
@@ -58,6 +78,42 @@ def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]
     return runs
 
 
+def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, dtype,
+               max_pad_ratio: float) -> LoraPart:
+    rank = max(slot_ranks[s] for _, _, s in runs)
+    if len(runs) < 2:
+        return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
+    per_slot: dict[int, list[int]] = {}
+    for start, end, slot in runs:
+        per_slot.setdefault(slot, []).extend(range(start, end))
+    slots = sorted(per_slot)
+    length = max(len(v) for v in per_slot.values())
+    span = slots[-1] - slots[0] + 1
+    dense = span <= 2 * len(slots)
+    groups = span if dense else len(slots)
+    if groups * length > max_pad_ratio * sum(e - s for s, e, _ in runs) + 8:
+        return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
+
+    common = dict(runs=tuple(runs), rank=rank, kind="bmm", groups=groups, group_len=length, slot_lo=slots[0])
+    aligned = dense and groups == len(slots) and all(len(v) == length for v in per_slot.values())
+    if aligned:
+        flat = [t for s in slots for t in per_slot[s]]
+        aligned = flat == list(range(flat[0], flat[0] + len(flat)))
+    if aligned:
+        return LoraPart(bmm_start=per_slot[slots[0]][0], **common)
+
+    order = list(range(slots[0], slots[-1] + 1)) if dense else slots
+    idx = torch.zeros(groups, length, dtype=torch.long)
+    mask = torch.zeros(groups, length, 1, dtype=dtype)
+    for g, slot in enumerate(order):
+        toks = per_slot.get(slot, [])
+        if toks:
+            idx[g, : len(toks)] = torch.tensor(toks)
+            mask[g, : len(toks)] = 1
+    gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
+    return LoraPart(gather_slots=gather, tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)
+
+
 def plan_lora_batch(
     token_slots: list[int],
     slot_ranks: list[int],
@@ -65,7 +121,7 @@ def plan_lora_batch(
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    max_pad_ratio: float = 1.5,
+    max_pad_ratio: float = 4.0,
 ) -> LoraBatch:
     """Plan the side paths of a step.
 
@@ -74,8 +130,6 @@ def plan_lora_batch(
     merged_slot: the adapter folded into the weights, if any: its tokens need no side path, and every
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
     """
-    n = len(token_slots)
-    runs = _runs(token_slots, merged_slot)
     subtract = None
     subtract_rank = 0
     if merged_slot is not None:
@@ -86,38 +140,8 @@ def plan_lora_batch(
                 raise ValueError("rows of the merged adapter must be packed first (contiguous others)")
             subtract = (lo, hi, merged_slot)
             subtract_rank = slot_ranks[merged_slot]
-    rank = max((slot_ranks[s] for _, _, s in runs), default=0)
-    common = dict(n_tokens=n, runs=tuple(runs), rank=rank, subtract=subtract, subtract_rank=subtract_rank)
-    if len(runs) < 2:
-        return LoraBatch(kind="runs", **common)
-
-    per_slot: dict[int, list[int]] = {}
-    for start, end, slot in runs:
-        per_slot.setdefault(slot, []).extend(range(start, end))
-    slots = sorted(per_slot)
-    length = max(len(v) for v in per_slot.values())
-    span = slots[-1] - slots[0] + 1
-    dense = span <= 2 * len(slots)
-    groups = span if dense else len(slots)
-    if groups * length > max_pad_ratio * sum(e - s for s, e, _ in runs) + 8:
-        return LoraBatch(kind="runs", **common)
-
-    gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
-    aligned = dense and groups == len(slots) and all(len(v) == length for v in per_slot.values())
-    if aligned:
-        flat = [t for s in slots for t in per_slot[s]]
-        aligned = flat == list(range(flat[0], flat[0] + len(flat)))
-    if aligned:
-        return LoraBatch(kind="bmm", groups=groups, group_len=length, slot_lo=slots[0],
-                         bmm_start=per_slot[slots[0]][0], **common)
-
-    order = list(range(slots[0], slots[-1] + 1)) if dense else slots
-    idx = torch.zeros(groups, length, dtype=torch.long)
-    mask = torch.zeros(groups, length, 1, dtype=dtype)
-    for g, slot in enumerate(order):
-        toks = per_slot.get(slot, [])
-        if toks:
-            idx[g, : len(toks)] = torch.tensor(toks)
-            mask[g, : len(toks)] = 1
-    return LoraBatch(kind="bmm", groups=groups, group_len=length, slot_lo=slots[0], gather_slots=gather,
-                     tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)
+    buckets: dict[int, list[tuple[int, int, int]]] = {}
+    for run in _runs(token_slots, merged_slot):
+        buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
+    parts = tuple(_plan_part(runs, slot_ranks, device, dtype, max_pad_ratio) for _, runs in sorted(buckets.items()))
+    return LoraBatch(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank)

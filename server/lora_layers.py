@@ -60,7 +60,7 @@ class ProjectionGroup:
     def active(self, batch: LoraBatch) -> bool:
         if batch.subtract is not None and self.has[batch.subtract[2]]:
             return True
-        return any(self.has[slot] for _, _, slot in batch.runs)
+        return any(self.has[slot] for slot in batch.slots)
 
     def apply(self, member: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = self.runtime.batch

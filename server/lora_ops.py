@@ -20,15 +20,22 @@ from dataclasses import dataclass
 
 import torch
 
-from server.lora_batch import NO_ADAPTER, LoraBatch
+from server.lora_batch import NO_ADAPTER, LoraBatch, LoraPart
+
+
+@dataclass
+class ShrunkPart:
+    """x·A of one rank bucket, in the layout of its plan."""
+
+    runs: list[torch.Tensor]  # per run: [n_run, r, M]
+    bmm: torch.Tensor | None  # [G, L, r, M]
 
 
 @dataclass
 class Shrunk:
-    """x·A for one step of one group, in the layout of the batch's plan."""
+    """x·A for one step of one group."""
 
-    runs: list[torch.Tensor]  # per run: [n_run, r, M]
-    bmm: torch.Tensor | None  # [G, L, r, M]
+    parts: list[ShrunkPart]
     subtract: torch.Tensor | None  # [n_sub, r_sub, M]
 
 
@@ -37,56 +44,59 @@ def _slot_a(A: torch.Tensor, slot: int, r: int) -> torch.Tensor:
     return A[slot, :r].reshape(-1, A.shape[-1])
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
-    """x: [N, d_in] -> the low-rank activations of every run (and of the merged adapter to subtract)."""
-    m = A.shape[2]
-    r = batch.rank
-    runs: list[torch.Tensor] = []
-    bmm = None
-    if batch.kind == "bmm":
-        g, length = batch.groups, batch.group_len
-        if batch.gather_slots is None:
-            a = A[batch.slot_lo : batch.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
-            if a.dtype != torch.float32:  # CPU bf16/f16 bmm is several times faster on a packed copy
-                a = a.contiguous()
-        else:
-            a = A.index_select(0, batch.gather_slots)[:, :r].reshape(g, r * m, -1)
-        if batch.tok_idx is None:
-            xg = x[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
-        else:
-            xg = x.index_select(0, batch.tok_idx).view(g, length, -1)
-        xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
-        if batch.mask is not None:
-            xa.mul_(batch.mask)
-        bmm = xa.view(g, length, r, m)
+def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart:
+    m, r = A.shape[2], part.rank
+    if part.kind != "bmm":
+        return ShrunkPart([(x[s:e] @ _slot_a(A, slot, r).T).view(e - s, r, m) for s, e, slot in part.runs], None)
+    g, length = part.groups, part.group_len
+    if part.gather_slots is None:
+        a = A[part.slot_lo : part.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
+        if a.dtype != torch.float32:  # CPU bf16/f16 bmm is several times faster on a packed copy
+            a = a.contiguous()
     else:
-        for start, end, slot in batch.runs:
-            runs.append((x[start:end] @ _slot_a(A, slot, r).T).view(end - start, r, m))
+        a = A.index_select(0, part.gather_slots)[:, :r].reshape(g, r * m, -1)
+    if part.tok_idx is None:
+        xg = x[part.bmm_start : part.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
+    else:
+        xg = x.index_select(0, part.tok_idx).view(g, length, -1)
+    xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
+    if part.mask is not None:
+        xa.mul_(part.mask)
+    return ShrunkPart([], xa.view(g, length, r, m))
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
+    """x: [N, d_in] -> the low-rank activations of every part (and of the merged adapter to subtract)."""
     sub = None
     if batch.subtract is not None:
         start, end, slot = batch.subtract
         rs = batch.subtract_rank
-        sub = (x[start:end] @ _slot_a(A, slot, rs).T).view(end - start, rs, m)
-    return Shrunk(runs=runs, bmm=bmm, subtract=sub)
+        sub = (x[start:end] @ _slot_a(A, slot, rs).T).view(end - start, rs, A.shape[2])
+    return Shrunk([_shrink_part(x, A, part) for part in batch.parts], sub)
+
+
+def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, part: LoraPart) -> None:
+    r = part.rank
+    if s.bmm is None:
+        for (start, end, slot), xa in zip(part.runs, s.runs, strict=True):
+            y[start:end].addmm_(xa[..., member], B[slot, :r])
+        return
+    g, length = part.groups, part.group_len
+    if part.gather_slots is None:
+        b = B[part.slot_lo : part.slot_lo + g, :r]  # [G, r, d_out] view
+    else:
+        b = B.index_select(0, part.gather_slots)[:, :r]
+    delta = torch.bmm(s.bmm[..., member], b)  # [G, L, d_out]
+    if part.tok_idx is None:
+        y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1).add_(delta)
+    else:
+        y.index_add_(0, part.tok_idx, delta.view(g * length, -1))
 
 
 def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: LoraBatch) -> None:
     """y: [N, d_out] += this member's side paths (in place). B: [S, r_max, d_out]."""
-    r = batch.rank
-    if s.bmm is not None:
-        g, length = batch.groups, batch.group_len
-        if batch.gather_slots is None:
-            b = B[batch.slot_lo : batch.slot_lo + g, :r]  # [G, r, d_out] view
-        else:
-            b = B.index_select(0, batch.gather_slots)[:, :r]
-        delta = torch.bmm(s.bmm[..., member], b)  # [G, L, d_out]
-        if batch.tok_idx is None:
-            y[batch.bmm_start : batch.bmm_start + g * length].view(g, length, -1).add_(delta)
-        else:
-            y.index_add_(0, batch.tok_idx, delta.view(g * length, -1))
-    else:
-        for (start, end, slot), xa in zip(batch.runs, s.runs, strict=True):
-            y[start:end].addmm_(xa[..., member], B[slot, :r])
+    for shrunk, part in zip(s.parts, batch.parts, strict=True):
+        _expand_part(y, shrunk, member, B, part)
     if s.subtract is not None:
         start, end, slot = batch.subtract
         y[start:end].addmm_(s.subtract[..., member], B[slot, : batch.subtract_rank], alpha=-1)

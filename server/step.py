@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine_types import TokenLogprob
+from server.lora_batch import rank_bucket
 from server.model_runner import StepInput
 from server.sampling import apply_min_tokens, compute_logprobs, sample
 from server.sequence import Sequence
@@ -20,11 +21,11 @@ class StepPlan:
     prefill_counts: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt tokens fed this step
 
 
-def build_step(running: list[Sequence], merged_slot: int | None, budget: int) -> StepPlan:
+def build_step(running: list[Sequence], merged_slot: int | None, budget: int, slot_ranks: list[int]) -> StepPlan:
     """One decode token per decoding sequence, then prefill chunks (oldest first) up to `budget` tokens.
 
-    Tokens are packed grouped by adapter slot, rows of the merged adapter first: the LoRA planner
-    then runs each slot's tokens as one contiguous run (see server/lora_batch.py).
+    Tokens are packed rows of the merged adapter first, then by rank bucket and adapter slot: the LoRA
+    planner then runs each bucket's slots as contiguous runs (see server/lora_batch.py).
     """
     decodes = [s for s in running if not s.in_prefill]
     budget -= len(decodes)
@@ -36,7 +37,8 @@ def build_step(running: list[Sequence], merged_slot: int | None, budget: int) ->
         chunks[id(seq)] = n
         budget -= n
     entries = decodes + [s for s in running if id(s) in chunks]
-    entries.sort(key=lambda s: (merged_slot is None or s.slot != merged_slot, s.slot, s.row))
+    entries.sort(key=lambda s: (merged_slot is None or s.slot != merged_slot,
+                                rank_bucket(slot_ranks[s.slot]) if s.slot >= 0 else 0, s.slot, s.row))
 
     step = StepInput([], [], [], [])
     plan = StepPlan(step)

@@ -33,7 +33,7 @@ CASES = {
     "padded_view": [0, 0, 0, 1, 2, 2, 3],
     "sparse_gather": [0, 5, 5, 0],
     "shuffled": [2, NO_ADAPTER, 4, 2, 1, 4, 1, NO_ADAPTER, 3, 0],
-    "long_runs": [0] * 20 + [1] + [2] * 3,
+    "long_runs": [0] * 100 + [1, 2, 3, 4, 5],
 }
 
 
@@ -55,13 +55,20 @@ def test_fast_path_equals_reference(case, merged):
 
 
 def test_planner_picks_the_batched_paths():
-    _, _, ranks = buffers(0)
-    assert plan_lora_batch(CASES["aligned_view"], ranks).tok_idx is None
-    assert plan_lora_batch(CASES["aligned_view"], ranks).kind == "bmm"
-    assert plan_lora_batch(CASES["padded_view"], ranks).mask is not None
-    assert plan_lora_batch(CASES["sparse_gather"], ranks).gather_slots is not None
-    assert plan_lora_batch(CASES["long_runs"], ranks).kind == "runs"
-    assert plan_lora_batch([NO_ADAPTER] * 4, ranks).empty
+    same_rank = [8] * S
+    (part,) = plan_lora_batch(CASES["aligned_view"], same_rank).parts
+    assert part.kind == "bmm" and part.tok_idx is None
+    assert plan_lora_batch(CASES["padded_view"], same_rank).parts[0].mask is not None
+    assert plan_lora_batch(CASES["sparse_gather"], same_rank).parts[0].gather_slots is not None
+    assert plan_lora_batch(CASES["long_runs"], same_rank).parts[0].kind == "runs"
+    assert plan_lora_batch([NO_ADAPTER] * 4, same_rank).empty
+
+
+def test_ranks_are_bucketed_not_padded_to_the_largest():
+    ranks = [2, 8, 4, 64, 6, 1]
+    plan = plan_lora_batch([0, 1, 2, 3, 4, 5], ranks)
+    assert [(p.rank, sorted(s for _, _, s in p.runs)) for p in plan.parts] == [
+        (1, [5]), (2, [0]), (4, [2]), (8, [1, 4]), (64, [3])]
 
 
 def test_merged_rows_must_come_first():

@@ -137,6 +137,8 @@ def output_error(out: SeqOutput) -> APIError | None:
         if out.finish_reason == "cancelled":
             return APIError(503, f"generation stopped: {out.error}", "engine_stopped",
                             headers={"Retry-After": "5"})
+        if out.error_status is not None and 400 <= out.error_status < 500:
+            return APIError(out.error_status, out.error or "request failed", "adapter_unavailable")
         return APIError(500, f"generation failed: {out.error or 'unknown error'}", "generation_error")
     return None
 
