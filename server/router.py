@@ -25,7 +25,7 @@ class RouterConfig:
     mode: Mode = "auto"
     merge_share: float = 0.75
     unmerge_share: float = 0.5
-    min_rows: int = 2
+    min_rows: int = 4
     max_turn_s: float = 2.0
 
 
