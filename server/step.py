@@ -51,10 +51,6 @@ def build_step(running: list[Sequence], merged_slot: int | None, budget: int, sl
             step.positions += range(pos0, pos0 + n)
             step.prefills.append((start, start + n, seq.row, pos0))
             plan.prefill_counts.append((seq, n))
-            if pos0 + n < seq.prompt_len:
-                step.rows += [seq.row] * n
-                step.token_slots += [seq.slot] * n
-                continue
         else:
             n = 1
             step.token_ids.append(seq.output_ids[-1])
@@ -62,6 +58,8 @@ def build_step(running: list[Sequence], merged_slot: int | None, budget: int, sl
             step.decode.append(start)
         step.rows += [seq.row] * n
         step.token_slots += [seq.slot] * n
+        if id(seq) in chunks and seq.prefilled + n < seq.prompt_len:
+            continue  # a prompt chunk that does not finish the prompt: no next token yet
         step.logits_idx.append(start + n - 1)
         plan.sampled.append(seq)
     return plan

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from http_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,12 +31,6 @@ def command_lines(block: str) -> list[str]:
     """The block's commands: comments stripped, backslash continuations joined."""
     joined = block.replace("\\\n", " ")
     return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
