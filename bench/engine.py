@@ -19,8 +19,10 @@ sides of a ratio alike; `--reps N` repeats every run and keeps the median of eac
 
 Prints each figure, the ratios against the goals and a markdown table (stdout); progress goes to
 stderr. Also per engine run: swaps (count, total ms), steps, share of step time per execution kind,
-and `exact_vs_peft`, the share of requests whose tokens equal PEFT's (fp32: expect 1). On a busy
-machine pass `--threads 1`: OpenMP threads that lose their core slow every forward several-fold.
+and `exact_vs_peft`, the share of requests whose tokens equal PEFT's (fp32: expect 1). The engine and
+the peers run in the same thread with the same OpenMP team (all cores, or `--threads N`; the main
+thread stays single-threaded, as in the server: see server/threads.py). On a busy machine pass
+`--threads 1`: OpenMP threads that lose their core slow every forward several-fold.
 
     python bench/engine.py --json bench/engine.json
     python bench/engine.py --quick --dtypes fp32 --threads 1   # smoke test: 8 requests x 8 tokens, 4 adapters
@@ -39,8 +41,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft
@@ -53,6 +58,7 @@ from server.engine import Engine, EngineConfig
 from server.engine_types import GenerationRequest
 from server.model_runner import ModelRunner
 from server.sampling import SamplingParams
+from server.threads import engine_threads, single_threaded
 
 SEED = 0
 RANKS = (16, 4, 8, 32, 64, 8, 16, 4, 32, 16, 64, 8, 4, 16, 32, 8)  # adapter 0 is the hot one
@@ -200,6 +206,8 @@ def exact_share(trace: Trace, ref: dict[int, list[int]]) -> float:
     common = [i for i in ref if trace.tokens[i]]
     return sum(trace.tokens[i] == ref[i] for i in common) / len(common) if common else float("nan")
 
+T = TypeVar("T")
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -208,14 +216,15 @@ def log(msg: str) -> None:
 # the engine -----------------------------------------------------------------------------------------
 
 
-def build_engine(model, tokenizer, peft, names: list[str], root: Path) -> tuple[Engine, list[AdapterRecord]]:
+def build_engine(model, tokenizer, peft, names: list[str], root: Path,
+                 threads: int | None) -> tuple[Engine, list[AdapterRecord]]:
     runner = ModelRunner(model, max_loras=16, max_rank=64, max_seqs=64, max_model_len=256)
     limits = ValidationLimits(max_rank=64)
     store = AdapterStore(root, lambda i, c, w: parse_adapter(i, c, w, runner.lora.target_shapes, limits))
     records = [store.put(SHARED, name, *adapter_files(peft, name))[0] for name in names]
     residency = Residency(store, runner.lora, max_device=16, max_host=64)
     config = EngineConfig(mode="batched", max_batch_size=64, max_model_len=256, max_tokens_per_step=512,
-                          max_waiting=1024)
+                          max_waiting=1024, threads=threads)
     engine = Engine(runner, tokenizer, residency, config)
     engine.start()
     return engine, records
@@ -342,6 +351,11 @@ def run_peer(peer: str, peft, base, reqs: list[Req], sizes: Sizes, pad_id: int) 
     return run_static(base, reqs, everyone, STATIC_BATCH, sizes.new_tokens, pad_id, None)
 
 
+def on_engine_thread(engine: Engine, fn: Callable[[], T]) -> T:
+    """Run a peer in the idle engine's thread: the same OpenMP team and cores as the engine's forwards."""
+    return asyncio.run(engine.call(fn))
+
+
 def warm_peers(peft, base, reqs: list[Req], names: list[str], pad_id: int) -> None:
     run_static(peft, reqs, [0], 1, 2, pad_id, names, one_at_a_time=True)
     run_static(peft, reqs, [0, 1], 2, 2, pad_id, names)
@@ -380,11 +394,11 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     wanted = {*args.workloads, *args.peers_on, *(["W1"] if "W5" in args.workloads else [])}
     order = [w for w in WORKLOADS if w in wanted]
     with tempfile.TemporaryDirectory() as tmp:
-        engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp))
+        engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp), args.threads)
         try:
             log(f"[{dtype}] warm-up")
             warm_up(engine, records, prompts)
-            warm_peers(peft, base, workloads["W1"], sizes.names, pad_id)
+            on_engine_thread(engine, partial(warm_peers, peft, base, workloads["W1"], sizes.names, pad_id))
             for w in order:
                 modes = list(args.modes) if w in args.workloads else []
                 if w == "W1" and "W5" in args.workloads and "batched" not in modes:
@@ -399,8 +413,8 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
                                      for _ in range(args.reps)])
                 for peer in PEERS if w in args.peers_on else ():
                     log(f"[{dtype}] {w} {peer} x{args.reps}")
-                    record(w, peer, [(run_peer(peer, peft, base, workloads[w], sizes, pad_id), {})
-                                     for _ in range(args.reps)])
+                    run = partial(run_peer, peer, peft, base, workloads[w], sizes, pad_id)
+                    record(w, peer, [(on_engine_thread(engine, run), {}) for _ in range(args.reps)])
         finally:
             engine.shutdown(drain_timeout=5)
 
@@ -480,15 +494,15 @@ def main() -> None:
                     help="workloads the peers also run (W5's arrivals do not apply to static batches)")
     ap.add_argument("--reps", type=int, default=1, help="runs per (workload, system); median of each figure")
     ap.add_argument("--quick", action="store_true", help="8 requests x 8 new tokens over 4 adapters")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, help="CPU threads of the engine thread, where the peers run too "
+                    "(default: every core)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     sizes = Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes()
     sizes.names = [f"a{i:02d}_r{r}" for i, r in zip(range(sizes.adapters), RANKS, strict=False)]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    single_threaded()  # as in the server: only the engine thread runs torch on every core
     torch.manual_seed(SEED)
-    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads(),
+    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": engine_threads(args.threads),
                      "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters}
     tables: dict[str, dict] = {}
     for dtype in args.dtypes:

@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.model_loader import LoadedModel, load_base_model
 from server.model_runner import ModelRunner
 from server.settings import Settings
+from server.threads import in_fresh_thread, single_threaded, single_threaded_executor
 
 log = logging.getLogger("loramux.server")
 
@@ -108,7 +109,9 @@ def ready_banner(settings: Settings, model_name: str, store: AdapterStore) -> st
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    services = await asyncio.to_thread(build_services, settings)
+    single_threaded()  # the event loop's thread; only the engine thread runs torch on every core
+    asyncio.get_running_loop().set_default_executor(single_threaded_executor("loramux-io"))
+    services = await in_fresh_thread(lambda: build_services(settings), threads=settings.threads)
     loaded, runner = services.loaded, services.runner
     state = app.state
     state.keys = services.keys

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import queue
 import threading
 import time
@@ -39,6 +38,7 @@ from server.router import Router, RouterConfig
 from server.sampling import make_generator
 from server.sequence import RequestStream, Sequence
 from server.step import StepPlan, build_step, sample_step
+from server.threads import engine_threads, single_threaded_executor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,21 +54,7 @@ class EngineConfig:
     merge_share: float = 0.75
     unmerge_share: float = 0.5
     max_turn_s: float = 2.0
-    threads: int | None = None  # CPU intra-op threads of the engine thread (None: one less than the cores)
-
-
-def engine_threads(configured: int | None) -> int:
-    """CPU threads for the engine's forward passes.
-
-    The engine runs in its own thread; libgomp throttles the spin-wait of an OpenMP team whenever its
-    threads outnumber the cores, so a team of all cores plus the process's main thread makes every small
-    op wait for a futex wake-up (measured 2.5x slower forward passes on 2 cores). Leaving one core to the
-    main thread (the HTTP event loop) avoids it.
-    """
-    if configured:
-        return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores - 1)
+    threads: int | None = None  # CPU intra-op threads of the engine thread (None: every core)
 
 
 class Engine:
@@ -99,6 +85,7 @@ class Engine:
         self._swaps = 0
         self._step_seconds: dict[str, float] = {"batched": 0.0, "merged": 0.0, "hybrid": 0.0, "base": 0.0}
         self._crashed: BaseException | None = None
+        self._io = single_threaded_executor("loramux-adapter-io", workers=2)  # disk -> host reads
 
     # lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +106,7 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._io.shutdown(wait=False)
 
     # caller API ---------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> None:
@@ -161,7 +149,7 @@ class Engine:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]:
         """Submit and stream the request's outputs; closing the iterator early cancels it."""
         if req.adapter is not None:  # disk -> host off the engine thread, so admission only copies to a slot
-            await asyncio.to_thread(self.residency.ensure_host, req.adapter)
+            await asyncio.get_running_loop().run_in_executor(self._io, self.residency.ensure_host, req.adapter)
         stream = self.submit(req, asyncio.get_running_loop())
         return self._iterate(stream)
 

@@ -78,6 +78,10 @@ def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]
     return runs
 
 
+def _consecutive(tokens: list[int]) -> bool:
+    return tokens == list(range(tokens[0], tokens[0] + len(tokens)))
+
+
 def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, dtype,
                max_pad_ratio: float) -> LoraPart:
     rank = max(slot_ranks[s] for _, _, s in runs)
@@ -95,12 +99,10 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
         return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
 
     common = dict(runs=tuple(runs), rank=rank, kind="bmm", groups=groups, group_len=length, slot_lo=slots[0])
-    aligned = dense and groups == len(slots) and all(len(v) == length for v in per_slot.values())
-    if aligned:
-        flat = [t for s in slots for t in per_slot[s]]
-        aligned = flat == list(range(flat[0], flat[0] + len(flat)))
-    if aligned:
-        return LoraPart(bmm_start=per_slot[slots[0]][0], **common)
+    gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
+    if (groups == len(slots) and all(len(v) == length for v in per_slot.values())
+            and _consecutive([t for s in slots for t in per_slot[s]])):
+        return LoraPart(bmm_start=per_slot[slots[0]][0], gather_slots=gather, **common)
 
     order = list(range(slots[0], slots[-1] + 1)) if dense else slots
     idx = torch.zeros(groups, length, dtype=torch.long)
@@ -110,7 +112,6 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
         if toks:
             idx[g, : len(toks)] = torch.tensor(toks)
             mask[g, : len(toks)] = 1
-    gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
     return LoraPart(gather_slots=gather, tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)
 
 

@@ -54,7 +54,7 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
         if a.dtype != torch.float32:  # CPU bf16/f16 bmm is several times faster on a packed copy
             a = a.contiguous()
     else:
-        a = A.index_select(0, part.gather_slots)[:, :r].reshape(g, r * m, -1)
+        a = A[:, :r].index_select(0, part.gather_slots).reshape(g, r * m, -1)  # only the bucket's rank
     if part.tok_idx is None:
         xg = x[part.bmm_start : part.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
     else:
@@ -85,7 +85,7 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
     if part.gather_slots is None:
         b = B[part.slot_lo : part.slot_lo + g, :r]  # [G, r, d_out] view
     else:
-        b = B.index_select(0, part.gather_slots)[:, :r]
+        b = B[:, :r].index_select(0, part.gather_slots)
     delta = torch.bmm(s.bmm[..., member], b)  # [G, L, d_out]
     if part.tok_idx is None:
         y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1).add_(delta)

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_tokens_per_step: int = Field(256, ge=1)
     merge_share: float = Field(0.75, gt=0, le=1, description="auto: merge an adapter holding this share of rows")
     unmerge_share: float = Field(0.5, gt=0, le=1, description="auto: keep it merged while it holds this share")
-    threads: int | None = Field(None, ge=1, description="CPU threads of the engine (default: cores - 1)")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the engine (default: every core)")
     max_turn_s: float = Field(2.0, gt=0, description="merged: longest wait an adapter's turn may impose")
     max_waiting: int = Field(256, ge=1, description="queued sequences before requests get 503")
     max_concurrent_per_tenant: int = Field(64, ge=1, description="concurrent generation requests per tenant")

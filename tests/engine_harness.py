@@ -20,7 +20,7 @@ from server.sampling import SamplingParams
 def build_engine(model_dir: Path, adapter_dirs: dict[str, Path], root: Path, *, max_loras: int = 8,
                  max_host: int = 32, **config) -> tuple[Engine, dict[str, AdapterRecord]]:
     loaded = load_base_model(str(model_dir), device="cpu", dtype="float32")
-    cfg = EngineConfig(**config)
+    cfg = EngineConfig(**({"threads": 1} | config))  # tiny models: one thread (see server/threads.py)
     runner = ModelRunner(loaded.model, max_loras=max_loras, max_rank=16, max_seqs=cfg.max_batch_size,
                          max_model_len=cfg.max_model_len)
     limits = ValidationLimits(max_rank=16)

@@ -20,8 +20,10 @@ from server.app import create_app
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+# One engine thread: the tiny test models gain nothing from more, and the test process's own OpenMP team
+# would make a second one throttle (see server/threads.py).
 TEST_FLAGS = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "max_batch_size": 32, "max_loras": 8,
-              "log_level": "warning"}
+              "log_level": "warning", "threads": 1}
 
 
 def free_port() -> int:

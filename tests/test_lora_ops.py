@@ -32,6 +32,8 @@ CASES = {
     "aligned_with_base_prefix": [NO_ADAPTER, NO_ADAPTER, 0, 1, 2, 3],
     "padded_view": [0, 0, 0, 1, 2, 2, 3],
     "sparse_gather": [0, 5, 5, 0],
+    "aligned_gather": [0, 0, 5, 5],
+    "padded_gather": [0, 0, 5, 5, 5],
     "shuffled": [2, NO_ADAPTER, 4, 2, 1, 4, 1, NO_ADAPTER, 3, 0],
     "long_runs": [0] * 100 + [1, 2, 3, 4, 5],
 }
@@ -39,8 +41,11 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("merged", [None, 2])
-def test_fast_path_equals_reference(case, merged):
+@pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
+def test_fast_path_equals_reference(case, merged, one_bucket):
     A, B, ranks = buffers(0)
+    if one_bucket:  # plan every slot at the full rank (rows past an adapter's rank are zero)
+        ranks = [R] * S
     slots = list(CASES[case])
     if merged is not None:  # merged rows must be packed first
         slots = [merged] * 2 + [s for s in slots if s != merged]
@@ -60,6 +65,8 @@ def test_planner_picks_the_batched_paths():
     assert part.kind == "bmm" and part.tok_idx is None
     assert plan_lora_batch(CASES["padded_view"], same_rank).parts[0].mask is not None
     assert plan_lora_batch(CASES["sparse_gather"], same_rank).parts[0].gather_slots is not None
+    (part,) = plan_lora_batch([0, 0, 5, 5], same_rank).parts  # gathered weights, contiguous tokens
+    assert part.gather_slots is not None and part.tok_idx is None and part.group_len == 2
     assert plan_lora_batch(CASES["long_runs"], same_rank).parts[0].kind == "runs"
     assert plan_lora_batch([NO_ADAPTER] * 4, same_rank).empty
 
