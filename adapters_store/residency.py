@@ -39,6 +39,9 @@ class SlotLoader(Protocol):
     def clear_slot(self, slot: int) -> None:
         """Zero the slot so that it contributes nothing."""
 
+    def choose_slot(self, rank: int, free: list[int]) -> int:
+        """Which of the free slots (ascending, never empty) an adapter of this rank should take."""
+
 
 @dataclass
 class ResidencyInfo:
@@ -269,7 +272,7 @@ class Residency:
         return entry.slot
 
     def _load_device(self, ident: Identity, record: AdapterRecord, adapter: LoraAdapter) -> _DeviceEntry:
-        slot = self._take_slot(record)
+        slot = self._take_slot(record, adapter.rank)
         start = time.perf_counter()
         try:
             self._loader.load_slot(slot, adapter)
@@ -288,11 +291,12 @@ class Residency:
         self._stats.load_device_seconds_total += elapsed
         return entry
 
-    def _take_slot(self, record: AdapterRecord) -> int:
-        """A free slot, else the slot of the least recently used unpinned idle entry (evicted)."""
-        for slot, entry in enumerate(self._slots):
-            if entry is None:
-                return slot
+    def _take_slot(self, record: AdapterRecord, rank: int) -> int:
+        """A free slot (the loader picks which), else the slot of the least recently used unpinned idle
+        entry (evicted)."""
+        free = [slot for slot, entry in enumerate(self._slots) if entry is None]
+        if free:
+            return self._loader.choose_slot(rank, free)
         for ident, entry in self._device.items():
             if not entry.pinned and entry.in_flight == 0:
                 del self._device[ident]

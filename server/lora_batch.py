@@ -25,6 +25,40 @@ def rank_bucket(rank: int) -> int:
     return 0 if rank <= 0 else 1 << (rank - 1).bit_length()
 
 
+def _free_runs(free: list[int]) -> list[tuple[int, int]]:
+    """Maximal [start, end) ranges of consecutive free slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in free:
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    return runs
+
+
+def place_slot(slot_ranks: list[int], rank: int, free: list[int]) -> int:
+    """The free slot for a new adapter, keeping each rank bucket's slots contiguous where possible.
+
+    Contiguous slots of one bucket are read as a view by one batched matmul; scattered ones must be
+    gathered (copied) every step. A bucket already resident grows into the nearest free slot (the side
+    with more room on a tie); a new bucket starts in the largest free range: at its edge when that touches
+    the end of the table, else in its middle, leaving room to grow both ways.
+    slot_ranks: rank held by each slot (0 when empty); free: the free slots, ascending, not empty.
+    """
+    runs = _free_runs(free)
+    room = {slot: end - start for start, end in runs for slot in range(start, end)}
+    bucket = rank_bucket(rank)
+    same = [s for s, r in enumerate(slot_ranks) if r and s not in room and rank_bucket(r) == bucket]
+    if same:
+        return min(free, key=lambda f: (min(abs(f - s) for s in same), -room[f], f))
+    start, end = max(runs, key=lambda run: (run[1] - run[0], -run[0]))
+    if start == 0:
+        return 0
+    if end == len(slot_ranks):
+        return end - 1
+    return (start + end) // 2
+
+
 @dataclass(frozen=True)
 class LoraPart:
     """Side paths of the adapters of one rank bucket.
@@ -82,6 +116,20 @@ def _consecutive(tokens: list[int]) -> bool:
     return tokens == list(range(tokens[0], tokens[0] + len(tokens)))
 
 
+def _split_by_slot_range(runs: list[tuple[int, int, int]], max_ranges: int) -> list[list[tuple[int, int, int]]]:
+    """The bucket's runs split by ranges of consecutive slots, each read as a view of the slot buffers
+    (`place_slot` keeps a bucket in few ranges); one list when they span more than max_ranges."""
+    slots = sorted({slot for _, _, slot in runs})
+    starts = [s for i, s in enumerate(slots) if i == 0 or slots[i - 1] != s - 1]
+    if len(starts) == 1 or len(starts) > max_ranges:
+        return [runs]
+    range_of = {s: sum(s >= start for start in starts) - 1 for s in slots}
+    split: list[list[tuple[int, int, int]]] = [[] for _ in starts]
+    for run in runs:
+        split[range_of[run[2]]].append(run)
+    return split
+
+
 def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, dtype,
                max_pad_ratio: float) -> LoraPart:
     rank = max(slot_ranks[s] for _, _, s in runs)
@@ -123,6 +171,7 @@ def plan_lora_batch(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_pad_ratio: float = 4.0,
+    max_slot_ranges: int = 4,
 ) -> LoraBatch:
     """Plan the side paths of a step.
 
@@ -130,6 +179,8 @@ def plan_lora_batch(
     slot_ranks: rank of the adapter in each slot.
     merged_slot: the adapter folded into the weights, if any: its tokens need no side path, and every
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
+    A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
+    (views of the slot buffers); a more scattered one is one part that gathers its slots' weights.
     """
     subtract = None
     subtract_rank = 0
@@ -144,5 +195,7 @@ def plan_lora_batch(
     buckets: dict[int, list[tuple[int, int, int]]] = {}
     for run in _runs(token_slots, merged_slot):
         buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
-    parts = tuple(_plan_part(runs, slot_ranks, device, dtype, max_pad_ratio) for _, runs in sorted(buckets.items()))
+    parts = tuple(_plan_part(runs, slot_ranks, device, dtype, max_pad_ratio)
+                  for _, bucket_runs in sorted(buckets.items())
+                  for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
     return LoraBatch(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import LoraAdapter, ModuleShape
-from server.lora_batch import LoraBatch
+from server.lora_batch import LoraBatch, place_slot
 from server.lora_ops import Shrunk, expand, shrink
 
 try:  # GPT-2 style projections (weight stored [d_in, d_out])
@@ -180,3 +180,6 @@ class LoraRuntime:
             for group in self.groups:
                 group.clear(slot)
         self.slot_ranks[slot] = 0
+
+    def choose_slot(self, rank: int, free: list[int]) -> int:
+        return place_slot(self.slot_ranks, rank, free)

@@ -27,8 +27,8 @@ from server.lora_batch import NO_ADAPTER, LoraBatch, LoraPart
 class ShrunkPart:
     """x·A of one rank bucket, in the layout of its plan."""
 
-    runs: list[torch.Tensor]  # per run: [n_run, r, M]
-    bmm: torch.Tensor | None  # [G, L, r, M]
+    runs: list[torch.Tensor]  # per run: [M, n_run, r]
+    bmm: torch.Tensor | None  # [M, G, L, r] (each member's slice contiguous for its expand)
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Shrunk:
     """x·A for one step of one group."""
 
     parts: list[ShrunkPart]
-    subtract: torch.Tensor | None  # [n_sub, r_sub, M]
+    subtract: torch.Tensor | None  # [M, n_sub, r_sub]
 
 
 def _slot_a(A: torch.Tensor, slot: int, r: int) -> torch.Tensor:
@@ -44,10 +44,15 @@ def _slot_a(A: torch.Tensor, slot: int, r: int) -> torch.Tensor:
     return A[slot, :r].reshape(-1, A.shape[-1])
 
 
+def _members_first(xa: torch.Tensor, m: int) -> torch.Tensor:
+    # [..., r*M] (rank-major) -> [M, ..., r], contiguous
+    return xa.unflatten(-1, (-1, m)).movedim(-1, 0).contiguous()
+
+
 def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart:
     m, r = A.shape[2], part.rank
     if part.kind != "bmm":
-        return ShrunkPart([(x[s:e] @ _slot_a(A, slot, r).T).view(e - s, r, m) for s, e, slot in part.runs], None)
+        return ShrunkPart([_members_first(x[s:e] @ _slot_a(A, slot, r).T, m) for s, e, slot in part.runs], None)
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
         a = A[part.slot_lo : part.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
@@ -62,7 +67,7 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
     xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
     if part.mask is not None:
         xa.mul_(part.mask)
-    return ShrunkPart([], xa.view(g, length, r, m))
+    return ShrunkPart([], _members_first(xa, m))
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
@@ -71,7 +76,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
     if batch.subtract is not None:
         start, end, slot = batch.subtract
         rs = batch.subtract_rank
-        sub = (x[start:end] @ _slot_a(A, slot, rs).T).view(end - start, rs, A.shape[2])
+        sub = _members_first(x[start:end] @ _slot_a(A, slot, rs).T, A.shape[2])
     return Shrunk([_shrink_part(x, A, part) for part in batch.parts], sub)
 
 
@@ -79,17 +84,17 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
     r = part.rank
     if s.bmm is None:
         for (start, end, slot), xa in zip(part.runs, s.runs, strict=True):
-            y[start:end].addmm_(xa[..., member], B[slot, :r])
+            y[start:end].addmm_(xa[member], B[slot, :r])
         return
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
         b = B[part.slot_lo : part.slot_lo + g, :r]  # [G, r, d_out] view
     else:
         b = B[:, :r].index_select(0, part.gather_slots)
-    delta = torch.bmm(s.bmm[..., member], b)  # [G, L, d_out]
-    if part.tok_idx is None:
-        y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1).add_(delta)
+    if part.tok_idx is None:  # y rows of the part, in place: [G, L, d_out]
+        y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1).baddbmm_(s.bmm[member], b)
     else:
+        delta = torch.bmm(s.bmm[member], b)  # [G, L, d_out]
         y.index_add_(0, part.tok_idx, delta.view(g * length, -1))
 
 
@@ -99,7 +104,7 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: Lora
         _expand_part(y, shrunk, member, B, part)
     if s.subtract is not None:
         start, end, slot = batch.subtract
-        y[start:end].addmm_(s.subtract[..., member], B[slot, : batch.subtract_rank], alpha=-1)
+        y[start:end].addmm_(s.subtract[member], B[slot, : batch.subtract_rank], alpha=-1)
 
 
 def lora_reference(

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from server.lora_batch import NO_ADAPTER, plan_lora_batch
+from server.lora_batch import NO_ADAPTER, place_slot, plan_lora_batch
 from server.lora_ops import expand, lora_reference, shrink
 
 S, R, M, D_IN = 6, 8, 3, 32
@@ -42,7 +42,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("merged", [None, 2])
 @pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
-def test_fast_path_equals_reference(case, merged, one_bucket):
+@pytest.mark.parametrize("max_ranges", [4, 1], ids=["split_by_slot_range", "gathered"])
+def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges):
     A, B, ranks = buffers(0)
     if one_bucket:  # plan every slot at the full rank (rows past an adapter's rank are zero)
         ranks = [R] * S
@@ -50,7 +51,7 @@ def test_fast_path_equals_reference(case, merged, one_bucket):
     if merged is not None:  # merged rows must be packed first
         slots = [merged] * 2 + [s for s in slots if s != merged]
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
-    plan = plan_lora_batch(slots, ranks, merged_slot=merged)
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
     shrunk = shrink(x, A, plan)
     for j in range(M):
         y = torch.zeros(len(slots), D_OUT[j])
@@ -64,9 +65,12 @@ def test_planner_picks_the_batched_paths():
     (part,) = plan_lora_batch(CASES["aligned_view"], same_rank).parts
     assert part.kind == "bmm" and part.tok_idx is None
     assert plan_lora_batch(CASES["padded_view"], same_rank).parts[0].mask is not None
-    assert plan_lora_batch(CASES["sparse_gather"], same_rank).parts[0].gather_slots is not None
-    (part,) = plan_lora_batch([0, 0, 5, 5], same_rank).parts  # gathered weights, contiguous tokens
+    assert plan_lora_batch(CASES["sparse_gather"], same_rank, max_slot_ranges=1).parts[0].gather_slots is not None
+    (part,) = plan_lora_batch([0, 0, 5, 5], same_rank, max_slot_ranges=1).parts  # gathered, contiguous tokens
     assert part.gather_slots is not None and part.tok_idx is None and part.group_len == 2
+    split = plan_lora_batch([0, 0, 1, 1, 4, 4], same_rank).parts  # slot ranges 0-1 and 4: views, no gather
+    assert [(p.kind, p.gather_slots, p.tok_idx, p.runs) for p in split] == [
+        ("bmm", None, None, ((0, 2, 0), (2, 4, 1))), ("runs", None, None, ((4, 6, 4),))]
     assert plan_lora_batch(CASES["long_runs"], same_rank).parts[0].kind == "runs"
     assert plan_lora_batch([NO_ADAPTER] * 4, same_rank).empty
 
@@ -75,7 +79,33 @@ def test_ranks_are_bucketed_not_padded_to_the_largest():
     ranks = [2, 8, 4, 64, 6, 1]
     plan = plan_lora_batch([0, 1, 2, 3, 4, 5], ranks)
     assert [(p.rank, sorted(s for _, _, s in p.runs)) for p in plan.parts] == [
-        (1, [5]), (2, [0]), (4, [2]), (8, [1, 4]), (64, [3])]
+        (1, [5]), (2, [0]), (4, [2]), (8, [1]), (6, [4]), (64, [3])]
+
+
+def fill(n_slots: int, ranks: list[int]) -> list[int]:
+    slot_ranks = [0] * n_slots
+    for r in ranks:
+        free = [s for s, held in enumerate(slot_ranks) if not held]
+        slot = place_slot(slot_ranks, r, free)
+        assert slot in free
+        slot_ranks[slot] = r
+    return slot_ranks
+
+
+def test_placement_keeps_rank_buckets_contiguous():
+    # 16 adapters arriving with ranks cycling 4..64 (the engine benchmark's W1)
+    assert fill(16, [4, 8, 16, 32, 64] * 3 + [4]) == [4, 4, 4, 32, 32, 32, 16, 16, 16, 4, 64, 64, 64, 8, 8, 8]
+    assert fill(8, [8, 16] * 4) == [8, 8, 8, 8, 16, 16, 16, 16]
+    assert fill(4, [16] * 4) == [16] * 4
+
+
+def test_placement_picks_a_free_slot_whatever_the_table():
+    rng = random.Random(0)
+    for _ in range(200):
+        slot_ranks = [rng.choice([0, 0, 4, 8, 16, 64]) for _ in range(rng.randint(1, 12))]
+        free = [s for s, r in enumerate(slot_ranks) if not r]
+        if free:
+            assert place_slot(slot_ranks, rng.choice([1, 4, 8, 16, 64]), free) in free
 
 
 def test_merged_rows_must_come_first():

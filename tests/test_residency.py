@@ -64,6 +64,8 @@ class FakeLoader:
         self.calls: list[tuple] = []
         self.contents: dict[int, tuple[str, str] | None] = {}
         self.fail = False
+        self.prefer_last = False
+        self.choices: list[tuple[int, tuple[int, ...]]] = []
 
     def load_slot(self, slot: int, adapter: LoraAdapter) -> None:
         self.calls.append(("load", slot, adapter.id))
@@ -76,6 +78,10 @@ class FakeLoader:
         self.calls.append(("clear", slot))
         self.contents[slot] = None
 
+    def choose_slot(self, rank: int, free: list[int]) -> int:
+        self.choices.append((rank, tuple(free)))
+        return free[-1] if self.prefer_last else free[0]
+
 
 def make(max_device: int = 2, max_host: int = 8) -> tuple[Residency, FakeStore, FakeLoader]:
     store, loader = FakeStore(), FakeLoader()
@@ -87,6 +93,15 @@ def use(res: Residency, rec: AdapterRecord) -> int:
     slot = res.acquire(rec)
     res.release(rec, slot)
     return slot
+
+
+def test_the_loader_places_adapters_among_the_free_slots() -> None:
+    res, _, loader = make(max_device=3)
+    loader.prefer_last = True
+    a, b = record("a"), record("b")
+    assert use(res, a) == 2 and use(res, b) == 1
+    assert loader.choices == [(2, (0, 1, 2)), (2, (0, 1))]
+    assert loader.contents[2] == ("a", "v1") and loader.contents[1] == ("b", "v1")
 
 
 def test_acquire_loads_through_the_tiers() -> None:
