@@ -217,7 +217,7 @@ def log(msg: str) -> None:
 
 
 def build_engine(model, tokenizer, peft, names: list[str], root: Path,
-                 threads: int | None) -> tuple[Engine, list[AdapterRecord]]:
+                 threads: int | None = None) -> tuple[Engine, list[AdapterRecord]]:
     runner = ModelRunner(model, max_loras=16, max_rank=64, max_seqs=64, max_model_len=256)
     limits = ValidationLimits(max_rank=64)
     store = AdapterStore(root, lambda i, c, w: parse_adapter(i, c, w, runner.lora.target_shapes, limits))

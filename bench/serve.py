@@ -14,8 +14,9 @@ dtype, never while the server works (engine W1, server W1, server W5, engine W5)
 HTTP tok/s / engine tok/s (goal >= 0.9) and `http_ttft_added_ms` the difference of mean TTFT. Per run
 also: engine steps and step seconds (the server's from /metrics), `chunks_per_token` (HTTP; below 1 when
 a chunk carried several tokens) and `text_match_engine`, the share of requests whose streamed text equals
-the engine's tokens decoded (fp32: expect 1). `--threads N` sets the torch threads of both processes; on a
-busy machine pass `--threads 1`. Prints each figure and a markdown table (stdout); progress on stderr.
+the engine's tokens decoded (fp32: expect 1). `--threads N` sets the engine threads of both processes
+(default: every core; see server/threads.py); on a busy machine pass `--threads 1`. Prints each figure
+and a markdown table (stdout); progress on stderr.
 
     python bench/serve.py --json bench/serve.json
     python bench/serve.py --quick --dtypes fp32 --threads 1   # smoke test: 8 requests x 8 tokens, 4 adapters
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 import random
 import signal
 import socket
@@ -65,6 +65,7 @@ from peft import PeftModel
 
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE
 from server.model_loader import LoadedModel
+from server.threads import engine_threads, single_threaded
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("W1", "W5")
@@ -153,10 +154,10 @@ def server(dtype: str, seed_dir: Path, work: Path, threads: int | None) -> Itera
     cmd = [sys.executable, "-m", "server", "--model", "default", "--device", "cpu", "--dtype", DTYPES[dtype],
            "--port", str(port), "--adapters-dir", str(work / "store"), "--seed-adapters", str(seed_dir)]
     cmd += [x for k, v in SERVER_FLAGS.items() for x in (f"--{k}", str(v))]
-    env = os.environ | ({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {})
+    cmd += ["--threads", str(threads)] if threads else []
     log_path = work / "server.log"
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield Server(proc, f"http://127.0.0.1:{port}", log_path)
     finally:
@@ -269,7 +270,8 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
         seed_dir = write_peft_dirs(setup.peft, sizes.names, work / "seed")
         with server(dtype, seed_dir, work, args.threads) as srv:  # loads while the engine is built and warmed
             (work / "engine").mkdir()
-            engine, records = build_engine(setup.loaded.model, tokenizer, setup.peft, sizes.names, work / "engine")
+            engine, records = build_engine(setup.loaded.model, tokenizer, setup.peft, sizes.names, work / "engine",
+                                           args.threads)
             try:
                 log(f"[{dtype}] warm-up (engine, then server)")
                 warm_up(engine, records, setup.prompts)
@@ -325,15 +327,15 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=1, help="runs per (workload, system); median of each figure")
     ap.add_argument("--quick", action="store_true", help="8 requests x 8 new tokens over 4 adapters")
-    ap.add_argument("--threads", type=int, help="torch threads of the benchmark and the server (default: torch's)")
+    ap.add_argument("--threads", type=int, help="CPU threads of both engines, in-process and the server's "
+                    "(default: every core)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     sizes = Sizes(8, 8, 4) if args.quick else Sizes()
     sizes.names = [f"a{i:02d}_r{r}" for i, r in zip(range(sizes.adapters), RANKS, strict=False)]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    single_threaded()  # as in the server: only the engine thread runs torch on every core
     torch.manual_seed(SEED)
-    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads(),
+    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": engine_threads(args.threads),
                      "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters}
     tables: dict[str, dict] = {}
     for dtype in args.dtypes:
