@@ -69,6 +69,16 @@ def median_time(fn: Callable[[], object], reps: int = 7, warmup: int = 2) -> flo
     return statistics.median(times)
 
 
+def rotated_times(fns: list[Callable[[], object]], reps: int = 7, inner: int = 3) -> list[float]:
+    """Median time of each fn, measured in rotation (each rep: every fn's median of `inner` calls in
+    turn), so that machine drift hits every side of their ratios alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times, strict=True):
+            ts.append(median_time(fn, inner, warmup=1))
+    return [statistics.median(ts) for ts in times]
+
+
 def emit(results: dict, json_path: str | None) -> None:
     """Print one figure per line and write them all as JSON."""
     for key, value in results.items():

@@ -4,6 +4,8 @@ For each dtype: mixed batches of B rows (every row a different rank-16 adapter o
 down) at prefill (64 tokens) and at one decode step over a 256-token KV cache, as time / the
 base model's time for the same batch (ours: our runner with no adapter; PEFT: adapters disabled);
 merged swap vs PEFT unmerge_adapter + merge_adapter; cold load from the store to a device slot.
+Ours with and without adapters and PEFT's mixed batch are timed in rotation (medians over the
+repetitions), so that drift hits every side of their ratios alike.
 
     python bench/lora_overhead.py --json bench/lora_overhead.json
 """
@@ -15,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft, median_time, parsed
+from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft, median_time, parsed, rotated_times
 from transformers import DynamicCache
 
 from adapters_store.format import ValidationLimits, parse_adapter
@@ -49,19 +51,18 @@ def measure_batch(runner: ModelRunner, peft, names: list[str], ids: torch.Tensor
     """Prefill and decode of b rows, each its own adapter, against the base model, ours and PEFT's."""
     out: dict[str, float] = {}
     lora, base = list(range(b)), [-1] * b
-    t_base = median_time(lambda: runner.forward(prefill_step(b, base, PREFILL, ids)), reps)
-    t_lora = median_time(lambda: runner.forward(prefill_step(b, lora, PREFILL, ids)), reps)
     x = ids[:b, :PREFILL]
-    with peft.disable_adapter():
+    t_base, t_lora, p_lora = rotated_times([
+        lambda: runner.forward(prefill_step(b, base, PREFILL, ids)),
+        lambda: runner.forward(prefill_step(b, lora, PREFILL, ids)),
+        lambda: peft(input_ids=x, adapter_names=names[:b], logits_to_keep=1)], reps)
+    with peft.disable_adapter():  # toggling adapters costs ms: measured inside one block
         p_base = median_time(lambda: peft(input_ids=x, logits_to_keep=1), reps)
-    p_lora = median_time(lambda: peft(input_ids=x, adapter_names=names[:b], logits_to_keep=1), reps)
     out[f"{dtype}_prefill_b{b}_ours_vs_base"] = t_lora / t_base
     out[f"{dtype}_prefill_b{b}_peft_vs_base"] = p_lora / p_base
     out[f"{dtype}_prefill_b{b}_peft_time_vs_ours"] = p_lora / t_lora
 
     runner.forward(prefill_step(b, base, KV, ids))  # fill each row's cache to 256 tokens
-    t_base = median_time(lambda: runner.forward(decode_step(b, base, ids)), reps * 3)
-    t_lora = median_time(lambda: runner.forward(decode_step(b, lora, ids)), reps * 3)
     cache = DynamicCache(config=peft.config)
     peft(input_ids=ids[:b, :KV], past_key_values=cache, use_cache=True, logits_to_keep=1)
     step_ids = ids[:b, KV : KV + 1]
@@ -70,9 +71,12 @@ def measure_batch(runner: ModelRunner, peft, names: list[str], ids: torch.Tensor
         peft(input_ids=step_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
         cache.crop(-1)
 
+    t_base, t_lora, p_lora = rotated_times([
+        lambda: runner.forward(decode_step(b, base, ids)),
+        lambda: runner.forward(decode_step(b, lora, ids)),
+        lambda: peft_decode(adapter_names=names[:b])], reps * 2)
     with peft.disable_adapter():
         p_base = median_time(peft_decode, reps * 3)
-    p_lora = median_time(lambda: peft_decode(adapter_names=names[:b]), reps * 3)
     out[f"{dtype}_decode_b{b}_ours_vs_base"] = t_lora / t_base
     out[f"{dtype}_decode_b{b}_peft_vs_base"] = p_lora / p_base
     out[f"{dtype}_decode_b{b}_peft_time_vs_ours"] = p_lora / t_lora
