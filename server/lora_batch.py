@@ -11,6 +11,7 @@ buffers, with no gathering of weights or activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -25,15 +26,15 @@ def rank_bucket(rank: int) -> int:
     return 0 if rank <= 0 else 1 << (rank - 1).bit_length()
 
 
-def _free_runs(free: list[int]) -> list[tuple[int, int]]:
-    """Maximal [start, end) ranges of consecutive free slots."""
-    runs: list[tuple[int, int]] = []
-    for slot in free:
-        if runs and runs[-1][1] == slot:
-            runs[-1] = (runs[-1][0], slot + 1)
+def _ranges(values: list[int]) -> list[tuple[int, int]]:
+    """Maximal [start, end) ranges of consecutive values (values ascending)."""
+    ranges: list[tuple[int, int]] = []
+    for v in values:
+        if ranges and ranges[-1][1] == v:
+            ranges[-1] = (ranges[-1][0], v + 1)
         else:
-            runs.append((slot, slot + 1))
-    return runs
+            ranges.append((v, v + 1))
+    return ranges
 
 
 def place_slot(slot_ranks: list[int], rank: int, free: list[int]) -> int:
@@ -45,7 +46,7 @@ def place_slot(slot_ranks: list[int], rank: int, free: list[int]) -> int:
     the end of the table, else in its middle, leaving room to grow both ways.
     slot_ranks: rank held by each slot (0 when empty); free: the free slots, ascending, not empty.
     """
-    runs = _free_runs(free)
+    runs = _ranges(free)
     room = {slot: end - start for start, end in runs for slot in range(start, end)}
     bucket = rank_bucket(rank)
     same = [s for s, r in enumerate(slot_ranks) if r and s not in room and rank_bucket(r) == bucket]
@@ -91,7 +92,7 @@ class LoraBatch:
     subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
     subtract_rank: int
 
-    @property
+    @cached_property  # read by every LoRA projection of the step
     def slots(self) -> set[int]:
         return {slot for part in self.parts for _, _, slot in part.runs}
 
@@ -112,19 +113,14 @@ def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]
     return runs
 
 
-def _consecutive(tokens: list[int]) -> bool:
-    return tokens == list(range(tokens[0], tokens[0] + len(tokens)))
-
-
 def _split_by_slot_range(runs: list[tuple[int, int, int]], max_ranges: int) -> list[list[tuple[int, int, int]]]:
     """The bucket's runs split by ranges of consecutive slots, each read as a view of the slot buffers
     (`place_slot` keeps a bucket in few ranges); one list when they span more than max_ranges."""
-    slots = sorted({slot for _, _, slot in runs})
-    starts = [s for i, s in enumerate(slots) if i == 0 or slots[i - 1] != s - 1]
-    if len(starts) == 1 or len(starts) > max_ranges:
+    ranges = _ranges(sorted({slot for _, _, slot in runs}))
+    if len(ranges) == 1 or len(ranges) > max_ranges:
         return [runs]
-    range_of = {s: sum(s >= start for start in starts) - 1 for s in slots}
-    split: list[list[tuple[int, int, int]]] = [[] for _ in starts]
+    range_of = {s: i for i, (start, end) in enumerate(ranges) for s in range(start, end)}
+    split: list[list[tuple[int, int, int]]] = [[] for _ in ranges]
     for run in runs:
         split[range_of[run[2]]].append(run)
     return split
@@ -149,7 +145,7 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
     common = dict(runs=tuple(runs), rank=rank, kind="bmm", groups=groups, group_len=length, slot_lo=slots[0])
     gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
     if (groups == len(slots) and all(len(v) == length for v in per_slot.values())
-            and _consecutive([t for s in slots for t in per_slot[s]])):
+            and len(_ranges([t for s in slots for t in per_slot[s]])) == 1):
         return LoraPart(bmm_start=per_slot[slots[0]][0], gather_slots=gather, **common)
 
     order = list(range(slots[0], slots[-1] + 1)) if dense else slots

@@ -49,7 +49,7 @@ async def in_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
     """Run fn with all cores (or `threads`) in a new thread that ends afterwards, releasing its team."""
 
     def run() -> T:
-        torch.set_num_threads(threads or cpu_cores())
+        torch.set_num_threads(engine_threads(threads))
         return fn()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-startup") as pool:
