@@ -498,7 +498,13 @@ def main() -> None:
                     "(default: every core)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
-    sizes = Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes()
+    run_benchmark(args, Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes(), bench_dtype, markdown)
+
+
+def run_benchmark(args, sizes: Sizes, bench: Callable[..., tuple[dict, dict]],
+                  table: Callable[[dict, dict], str]) -> None:
+    """Every dtype in turn (`bench(dtype, args, sizes)` -> figures, table rows), then the figures as lines
+    and JSON, and `table(tables, figures)` in markdown. Shared by this benchmark and bench/serve.py."""
     sizes.names = [f"a{i:02d}_r{r}" for i, r in zip(range(sizes.adapters), RANKS, strict=False)]
     single_threaded()  # as in the server: only the engine thread runs torch on every core
     torch.manual_seed(SEED)
@@ -506,11 +512,12 @@ def main() -> None:
                      "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters}
     tables: dict[str, dict] = {}
     for dtype in args.dtypes:
-        out, tables[dtype] = bench_dtype(dtype, args, sizes)
+        out, tables[dtype] = bench(dtype, args, sizes)
         results |= out
+        gc.collect()
     emit(results, args.json_path)
     print()
-    print(markdown(tables, results))
+    print(table(tables, results))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import random
 import signal
@@ -42,8 +41,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
-import torch
-from common import ALL_LINEAR, DTYPES, adapter_files, emit, load_default, make_peft
+from common import ALL_LINEAR, DTYPES, adapter_files, load_default, make_peft
 from engine import (
     POISSON_LOAD,
     RANKS,
@@ -57,6 +55,7 @@ from engine import (
     make_workloads,
     median_summary,
     poisson,
+    run_benchmark,
     run_engine,
     summarize,
     warm_up,
@@ -65,7 +64,6 @@ from peft import PeftModel
 
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE
 from server.model_loader import LoadedModel
-from server.threads import engine_threads, single_threaded
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("W1", "W5")
@@ -331,20 +329,7 @@ def main() -> None:
                     "(default: every core)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
-    sizes = Sizes(8, 8, 4) if args.quick else Sizes()
-    sizes.names = [f"a{i:02d}_r{r}" for i, r in zip(range(sizes.adapters), RANKS, strict=False)]
-    single_threaded()  # as in the server: only the engine thread runs torch on every core
-    torch.manual_seed(SEED)
-    results: dict = {"model": "SmolLM2-135M-Instruct", "threads": engine_threads(args.threads),
-                     "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters}
-    tables: dict[str, dict] = {}
-    for dtype in args.dtypes:
-        out, tables[dtype] = bench_dtype(dtype, args, sizes)
-        results |= out
-        gc.collect()
-    emit(results, args.json_path)
-    print()
-    print(markdown(tables, results))
+    run_benchmark(args, Sizes(8, 8, 4) if args.quick else Sizes(), bench_dtype, markdown)
 
 
 if __name__ == "__main__":
