@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama saved as an HF directory with the default model's tokenizer."""
+"""Shared fixtures: a tiny random Llama saved as an HF directory with the default model's tokenizer, and the
+adapter format tests' tiny PEFT adapter."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_format_helpers import Saved, save_peft, target_shapes, tiny_llama
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from adapters_store.format import ModuleShape
 from server.model_loader import DEFAULT_GGUF, default_gguf_path
 
 
@@ -42,3 +45,23 @@ def tiny_adapter_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
     base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     return save_peft_adapters(base, SERVING_ADAPTERS, tmp_path_factory.mktemp("tiny-adapters"), b_std=0.5)
+
+
+# adapter format tests: a tiny Llama's projection shapes and one PEFT-saved adapter (per module)
+
+
+@pytest.fixture(scope="module")
+def llama_shapes() -> dict[str, ModuleShape]:
+    return target_shapes(tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    """r=8, alpha=16 on q, k, v, o of both layers."""
+    return save_peft(
+        tmp_path_factory.mktemp("basic"),
+        tiny_llama(),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
