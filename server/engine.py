@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
-
 from adapters_store.residency import Residency
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import (
@@ -38,7 +36,7 @@ from server.router import Router, RouterConfig
 from server.sampling import make_generator
 from server.sequence import RequestStream, Sequence
 from server.step import StepPlan, build_step, sample_step
-from server.threads import engine_threads, single_threaded_executor
+from server.threads import engine_threads, single_threaded_executor, use_threads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,7 +196,7 @@ class Engine:
 
     def _loop(self) -> None:
         if self.runner.device.type == "cpu":
-            torch.set_num_threads(engine_threads(self.config.threads))
+            use_threads(engine_threads(self.config.threads))
         try:
             while not self._stopping:
                 self._run_commands()

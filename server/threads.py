@@ -11,6 +11,11 @@ forward passes ran 2.3x slower with two threads than with one on a 2-core machin
   single-threaded (`single_threaded`, `single_threaded_executor`);
 - heavy start-up work (model loading, buffer allocation) runs with all cores in a thread that exits
   afterwards, which releases its team (`in_fresh_thread`).
+
+Every thread sets its count through `use_threads`. `torch.set_num_threads` also stores the count in a
+process-wide default, and a thread's first parallel op re-applies whatever that default is then: an
+engine thread that set 2 and then waited, while an I/O thread set 1, ran every forward on one core.
+`use_threads` makes the thread take its count before setting it, so the setting sticks to the thread.
 """
 
 from __future__ import annotations
@@ -35,9 +40,15 @@ def engine_threads(configured: int | None) -> int:
     return configured or cpu_cores()
 
 
+def use_threads(n: int) -> None:
+    """Run this thread's torch ops on n threads, whatever other threads set later."""
+    torch.get_num_threads()  # the thread's one-time lazy init, which reads the process-wide default
+    torch.set_num_threads(n)
+
+
 def single_threaded() -> None:
     """Run this thread's torch ops on one thread (it then never starts an OpenMP team)."""
-    torch.set_num_threads(1)
+    use_threads(1)
 
 
 def single_threaded_executor(name: str, workers: int | None = None) -> ThreadPoolExecutor:
@@ -49,7 +60,7 @@ async def in_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
     """Run fn with all cores (or `threads`) in a new thread that ends afterwards, releasing its team."""
 
     def run() -> T:
-        torch.set_num_threads(engine_threads(threads))
+        use_threads(engine_threads(threads))
         return fn()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-startup") as pool:
