@@ -93,11 +93,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         qd = query.new_zeros(meta.dec_row_span, heads, 1, dim)  # [span, H, 1, D]
         qd[meta.dec_rows, :, 0] = q
         lo, hi = meta.dec_row_lo, meta.dec_row_lo + meta.dec_row_span
+        k, v = kc[lo:hi, :, : meta.dec_len], vc[lo:hi, :, : meta.dec_len]  # [span, Hkv, T, D]
+        if qd.device.type == "cpu" and qd.dtype != torch.float32:
+            # CPU's bf16/f16 SDPA kernel takes 5-10x fp32's time for one query token (the same error:
+            # it accumulates in fp32 too), so decode attends in fp32 and casts the result back.
+            qd, k, v = qd.float(), k.float(), v.float()
         o = F.scaled_dot_product_attention(
-            qd, kc[lo:hi, :, : meta.dec_len], vc[lo:hi, :, : meta.dec_len],
-            attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa,
+            qd, k, v, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa,
         )  # [span, H, 1, D]
-        out[meta.dec_idx] = o[meta.dec_rows, :, 0]
+        out[meta.dec_idx] = o[meta.dec_rows, :, 0].to(out.dtype)
     for start, end, row, pos0 in meta.prefills:
         length = pos0 + end - start
         q = query[:, :, start:end]  # [1, H, n, D]
