@@ -24,6 +24,12 @@ except ImportError:  # pragma: no cover
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
+def side_path_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, where bf16/f16 matmuls of LoRA's small shapes cost about twice fp32's (the buffers
+    then take twice the memory); the model's dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
 def projection_shape(module: nn.Module) -> ModuleShape:
     if isinstance(module, nn.Linear):
         return ModuleShape(module.in_features, module.out_features)
@@ -69,7 +75,7 @@ class ProjectionGroup:
         x2 = x.reshape(-1, x.shape[-1])  # [N, d_in]
         key = (self.runtime.step, x2.data_ptr())
         if self._key != key:
-            self._shrunk = shrink(x2, self.A, batch)
+            self._shrunk = shrink(x2.to(self.A.dtype), self.A, batch)
             self._key = key
         expand(y.view(-1, y.shape[-1]), self._shrunk, member, self.B[member], batch)
         return y
@@ -123,7 +129,8 @@ class LoraRuntime:
         self.max_loras = max_loras
         self.max_rank = max_rank
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device = param.device
+        self.dtype = side_path_dtype(param.dtype, param.device)  # of the slot buffers and side paths
         self.batch: LoraBatch | None = None
         self.step = 0
         self.slot_ranks = [0] * max_loras

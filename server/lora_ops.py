@@ -3,6 +3,8 @@
 Buffers of one group of M projections over S slots:
     A:    [S, r_max, M, d_in]   (rank-major so that slicing to the batch's rank stays a view)
     B[j]: [S, r_max, d_out_j]   (B transposed, pre-scaled by the adapter's s = alpha/r for that module)
+x and the buffers share one dtype; y may have another (a bf16 model with fp32 side paths on CPU):
+the products are then computed in the buffers' dtype and added into y in its own.
 
 Semantics, as a plain loop (the oracle `lora_reference` below is exactly this):
 
@@ -70,6 +72,16 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
     return ShrunkPart([], _members_first(xa, m))
 
 
+def _add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """y += alpha * a @ b in place (2-D or batched 3-D), fused when y has the operands' dtype."""
+    if y.dtype != a.dtype:
+        y.add_(a @ b, alpha=alpha)
+    elif a.dim() == 3:
+        y.baddbmm_(a, b, alpha=alpha)
+    else:
+        y.addmm_(a, b, alpha=alpha)
+
+
 def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
     """x: [N, d_in] -> the low-rank activations of every part (and of the merged adapter to subtract)."""
     sub = None
@@ -84,7 +96,7 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
     r = part.rank
     if s.bmm is None:
         for (start, end, slot), xa in zip(part.runs, s.runs, strict=True):
-            y[start:end].addmm_(xa[member], B[slot, :r])
+            _add_product(y[start:end], xa[member], B[slot, :r])
         return
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
@@ -92,10 +104,10 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
     else:
         b = B[:, :r].index_select(0, part.gather_slots)
     if part.tok_idx is None:  # y rows of the part, in place: [G, L, d_out]
-        y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1).baddbmm_(s.bmm[member], b)
+        _add_product(y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1), s.bmm[member], b)
     else:
         delta = torch.bmm(s.bmm[member], b)  # [G, L, d_out]
-        y.index_add_(0, part.tok_idx, delta.view(g * length, -1))
+        y.index_add_(0, part.tok_idx, delta.view(g * length, -1).to(y.dtype))
 
 
 def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: LoraBatch) -> None:
@@ -104,7 +116,7 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: Lora
         _expand_part(y, shrunk, member, B, part)
     if s.subtract is not None:
         start, end, slot = batch.subtract
-        y[start:end].addmm_(s.subtract[member], B[slot, : batch.subtract_rank], alpha=-1)
+        _add_product(y[start:end], s.subtract[member], B[slot, : batch.subtract_rank], alpha=-1)
 
 
 def lora_reference(

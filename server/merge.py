@@ -49,8 +49,8 @@ class MergedWeights:
         """w = golden + s·B·A in one fused pass (addmm), sliced to the adapter's rank."""
         group, member = self.runtime.member_of[name]
         r = self.runtime.slot_ranks[slot]
-        a = group.A[slot, :r, member]  # [r, d_in]
-        bt = group.B[member][slot, :r]  # [r, d_out] (scaled)
+        a = group.A[slot, :r, member].to(w.dtype)  # [r, d_in]
+        bt = group.B[member][slot, :r].to(w.dtype)  # [r, d_out] (scaled)
         golden = self._golden[name]
         if self.runtime.shapes[name].fan_in_fan_out:  # Conv1D weight [d_in, d_out]: delta^T = A^T·B^T
             torch.addmm(golden, a.T, bt, out=w)

@@ -65,7 +65,7 @@ class ModelRunner:
         """Run the step; returns float32 logits [len(step.logits_idx), V]."""
         self.lora.set_batch(plan_lora_batch(
             step.token_slots, self.lora.slot_ranks, merged_slot=self.merged.slot,
-            device=self.device, dtype=self.dtype,
+            device=self.device, dtype=self.lora.dtype,
         ))
         meta = build_attn_meta(self.cache, step.rows, step.positions, step.decode, step.prefills, self.device)
         ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]

@@ -43,7 +43,9 @@ CASES = {
 @pytest.mark.parametrize("merged", [None, 2])
 @pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
 @pytest.mark.parametrize("max_ranges", [4, 1], ids=["split_by_slot_range", "gathered"])
-def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges):
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fp32_into_bf16"])
+def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtype):
+    """y_dtype bf16: a bf16 model's outputs with fp32 side paths (as on CPU) get the delta added in bf16."""
     A, B, ranks = buffers(0)
     if one_bucket:  # plan every slot at the full rank (rows past an adapter's rank are zero)
         ranks = [R] * S
@@ -54,10 +56,14 @@ def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges):
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
     shrunk = shrink(x, A, plan)
     for j in range(M):
-        y = torch.zeros(len(slots), D_OUT[j])
+        base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(2)).to(y_dtype)
+        y = base.clone()
         expand(y, shrunk, j, B[j], plan)
-        ref = lora_reference(x, slots, A, B[j], j, merged_slot=merged)
-        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+        ref = base.double() + lora_reference(x, slots, A, B[j], j, merged_slot=merged)
+        if y_dtype == torch.float32:
+            torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+        else:  # bf16 roundings of the sums (two where a merged delta is subtracted)
+            torch.testing.assert_close(y.double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
 
 
 def test_planner_picks_the_batched_paths():
