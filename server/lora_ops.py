@@ -58,8 +58,6 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
         a = A[part.slot_lo : part.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
-        if a.dtype != torch.float32:  # CPU bf16/f16 bmm is several times faster on a packed copy
-            a = a.contiguous()
     else:
         a = A[:, :r].index_select(0, part.gather_slots).reshape(g, r * m, -1)  # only the bucket's rank
     if part.tok_idx is None:
