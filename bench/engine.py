@@ -15,7 +15,8 @@ same requests (W1; more with --peers-on): PEFT `set_adapter` + `generate` one re
 PEFT mixed static batches of 16 (`adapter_names`, left padding, batches in submission order), and
 transformers `generate` on the base model alone with static batches of 16 (the single-model
 ceiling). The peers run right after the engine on each workload, so that machine noise hits both
-sides of a ratio alike; `--reps N` repeats every run and keeps the median of each figure.
+sides of a ratio alike; `--reps N` repeats every run (the modes of a workload in rotation) and keeps
+the median of each figure.
 
 Prints each figure, the ratios against the goals and a markdown table (stdout); progress goes to
 stderr. Also per engine run: swaps (count, total ms), steps, share of step time per execution kind,
@@ -407,10 +408,13 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
                     rate = POISSON_LOAD * table[("W1", "batched")]["tok_s"] / sizes.new_tokens
                     workloads["W5"] = poisson(workloads["W1"], rate, random.Random(SEED + 5))
                     out[f"{dtype}_W5_offered_req_s"] = rate
+                runs: dict[str, list[tuple[Trace, dict]]] = {mode: [] for mode in modes}
+                for rep in range(args.reps):  # modes in rotation: drift hits each mode alike
+                    for mode in modes:
+                        log(f"[{dtype}] {w} {mode} run {rep + 1}/{args.reps}")
+                        runs[mode].append(run_engine(engine, records, workloads[w], mode, sizes.new_tokens))
                 for mode in modes:
-                    log(f"[{dtype}] {w} {mode} x{args.reps}")
-                    record(w, mode, [run_engine(engine, records, workloads[w], mode, sizes.new_tokens)
-                                     for _ in range(args.reps)])
+                    record(w, mode, runs[mode])
                 for peer in PEERS if w in args.peers_on else ():
                     log(f"[{dtype}] {w} {peer} x{args.reps}")
                     run = partial(run_peer, peer, peft, base, workloads[w], sizes, pad_id)
