@@ -89,15 +89,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     gqa = heads != kc.shape[1]
     out = query.new_empty(n, heads, dim)  # [N, H, D]
     if meta.dec_idx is not None:
-        q = query[0].index_select(1, meta.dec_idx).transpose(0, 1)  # [n_dec, H, D]
-        qd = query.new_zeros(meta.dec_row_span, heads, 1, dim)  # [span, H, 1, D]
+        # CPU's bf16/f16 SDPA kernel takes 5-10x fp32's time for one query token (the same error: it
+        # accumulates in fp32 too), so on CPU decode attends in fp32 and casts the result back.
+        work = torch.float32 if query.device.type == "cpu" else query.dtype
+        q = query[0].index_select(1, meta.dec_idx).transpose(0, 1).to(work)  # [n_dec, H, D]
+        qd = query.new_zeros(meta.dec_row_span, heads, 1, dim, dtype=work)  # [span, H, 1, D]
         qd[meta.dec_rows, :, 0] = q
         lo, hi = meta.dec_row_lo, meta.dec_row_lo + meta.dec_row_span
-        k, v = kc[lo:hi, :, : meta.dec_len], vc[lo:hi, :, : meta.dec_len]  # [span, Hkv, T, D]
-        if qd.device.type == "cpu" and qd.dtype != torch.float32:
-            # CPU's bf16/f16 SDPA kernel takes 5-10x fp32's time for one query token (the same error:
-            # it accumulates in fp32 too), so decode attends in fp32 and casts the result back.
-            qd, k, v = qd.float(), k.float(), v.float()
+        k = kc[lo:hi, :, : meta.dec_len].to(work)  # [span, Hkv, T, D]
+        v = vc[lo:hi, :, : meta.dec_len].to(work)
         o = F.scaled_dot_product_attention(
             qd, k, v, attn_mask=meta.dec_mask, scale=scaling, enable_gqa=gqa,
         )  # [span, H, 1, D]
