@@ -1,26 +1,34 @@
-"""Exception types of the adapter store.
+"""Typed errors: every error carries what the HTTP layer answers, and travels to it unchanged.
 
-Every error carries what the HTTP layer needs to answer: a human-readable
-``message`` (naming the adapter and the numbers), an HTTP ``status`` and a short
-snake_case ``code``.
+``ServingError`` is the base of the store's errors (here) and of the engine's (``server/errors.py``):
+a human-readable ``message`` (naming the adapter and the numbers), an HTTP ``status``, a short snake_case
+``code`` and, for 429/503, ``retry_after`` seconds.
 """
 
 from __future__ import annotations
 
 
-class AdapterError(Exception):
-    """Base class: ``message`` (str), ``status`` (HTTP status), ``code`` (snake_case)."""
+class ServingError(Exception):
+    """Base class: ``message`` (str), ``status`` (HTTP status), ``code`` (snake_case), ``retry_after`` (s)."""
 
     status: int = 500
-    code: str = "adapter_error"
+    code: str = "error"
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class AdapterError(ServingError):
+    code = "adapter_error"
 
 
 class AdapterValidationError(AdapterError):
@@ -54,10 +62,4 @@ class NoFreeSlot(AdapterError):
 
     status = 503
     code = "no_free_slot"
-
-
-class AdapterBusy(AdapterError):
-    """The operation cannot proceed while the adapter is in use."""
-
-    status = 409
-    code = "adapter_busy"
+    retry_after = 1.0

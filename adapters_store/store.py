@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -35,7 +34,9 @@ from adapters_store.errors import (
     AdapterNotFound,
     AdapterValidationError,
 )
+from adapters_store.files import fsync_dir, fsync_dir_quietly, remove_quietly, write_file
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, adapter_sha256
+from adapters_store.identity import AdapterIdentity, validate_id, validate_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -44,33 +45,15 @@ META_FILE = "meta.json"
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
 REASON_FILE = "QUARANTINE_REASON.txt"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 ParseFn = Callable[[str, bytes, bytes], LoraAdapter]
 
 
-def validate_id(s: str, what: str = "adapter id") -> str:
-    """Return ``s`` if it is a valid id: ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` without '..'."""
-    if not isinstance(s, str) or not _NAME_RE.fullmatch(s) or ".." in s:
-        raise AdapterValidationError(
-            f"invalid {what} {s!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, starting with a letter or "
-            "digit, without '..'",
-            code="invalid_id",
-        )
-    return s
-
-
-def validate_namespace(s: str) -> str:
-    return validate_id(s, "namespace")
-
-
 @dataclass(frozen=True)
 class AdapterRecord:
-    """What the index knows about one stored adapter (the weights stay on disk)."""
+    """What the index knows about one stored adapter version (the weights stay on disk)."""
 
-    namespace: str
-    id: str
-    sha256: str
+    identity: AdapterIdentity
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
@@ -79,8 +62,20 @@ class AdapterRecord:
     path: Path  # root/<namespace>/<id>
 
     @property
+    def namespace(self) -> str:
+        return self.identity.namespace
+
+    @property
+    def id(self) -> str:
+        return self.identity.id
+
+    @property
+    def sha256(self) -> str:
+        return self.identity.sha256
+
+    @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.id}"
+        return self.identity.key
 
 
 @dataclass(frozen=True)
@@ -169,7 +164,7 @@ class AdapterStore:
             ) from e
         finally:
             if staged is not None:
-                _remove_quietly(staged)
+                remove_quietly(staged)
         logger.info("stored adapter %s (sha256 %s, %d bytes)", key, sha, len(weights_bytes))
         return record, True
 
@@ -190,8 +185,8 @@ class AdapterStore:
                 raise AdapterError(
                     f"could not delete adapter '{adapter_id}': {e}", status=500, code="storage_error"
                 ) from e
-            _fsync_dir_quietly(record.path.parent)
-        _remove_quietly(trash)
+            fsync_dir_quietly(record.path.parent)
+        remove_quietly(trash)
         logger.info("deleted adapter %s", key)
         return True
 
@@ -265,10 +260,10 @@ class AdapterStore:
         os.makedirs(self._tmp, exist_ok=True)
         staged = self._tmp / uuid.uuid4().hex
         os.mkdir(staged)
-        _write_file(staged / CONFIG_FILE, config_bytes)
-        _write_file(staged / WEIGHTS_FILE, weights_bytes)
-        _write_file(staged / META_FILE, json.dumps(meta, indent=2).encode())
-        _fsync_dir(staged)
+        write_file(staged / CONFIG_FILE, config_bytes)
+        write_file(staged / WEIGHTS_FILE, weights_bytes)
+        write_file(staged / META_FILE, json.dumps(meta, indent=2).encode())
+        fsync_dir(staged)
         return staged
 
     def _commit(self, staged: Path, final: Path) -> None:
@@ -276,7 +271,7 @@ class AdapterStore:
         ns_dir = final.parent
         if not ns_dir.is_dir():
             os.makedirs(ns_dir, exist_ok=True)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         aside = None
         if final.exists():
             aside = ns_dir / f".{final.name}.old"
@@ -294,15 +289,15 @@ class AdapterStore:
         else:
             os.replace(staged, final)
         # committed: what follows is cleanup that start-up would redo
-        _fsync_dir_quietly(ns_dir)
+        fsync_dir_quietly(ns_dir)
         if aside is not None:
-            _remove_quietly(aside)
+            remove_quietly(aside)
 
     def _start_up(self) -> None:
         for d in (self.root, self._tmp, self._quarantine_dir):
             os.makedirs(d, exist_ok=True)
         for leftover in self._tmp.iterdir():
-            _remove_quietly(leftover)
+            remove_quietly(leftover)
         for ns_dir in sorted(self.root.iterdir()):
             if ns_dir.name.startswith("."):
                 continue
@@ -323,11 +318,11 @@ class AdapterStore:
         for aside in ns_dir.glob(".*.old"):
             final = ns_dir / aside.name[1 : -len(".old")]
             if final.exists():
-                _remove_quietly(aside)
+                remove_quietly(aside)
             else:
                 logger.warning("restoring %s after an interrupted overwrite", final)
                 os.replace(aside, final)
-        _fsync_dir_quietly(ns_dir)
+        fsync_dir_quietly(ns_dir)
 
     def _index_dir(self, namespace: str, adapter_dir: Path) -> None:
         name = adapter_dir.name
@@ -379,9 +374,7 @@ def _record(
     namespace: str, adapter_id: str, adapter: LoraAdapter, created_at: float, path: Path
 ) -> AdapterRecord:
     return AdapterRecord(
-        namespace=namespace,
-        id=adapter_id,
-        sha256=adapter.sha256,
+        identity=AdapterIdentity(namespace, adapter_id, adapter.sha256),
         rank=adapter.rank,
         alpha=adapter.alpha,
         target_modules=adapter.target_modules,
@@ -392,36 +385,8 @@ def _record(
 
 
 def _is_valid_name(name: str) -> bool:
-    return bool(_NAME_RE.fullmatch(name)) and ".." not in name
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_quietly(path: Path) -> None:
-    try:
-        _fsync_dir(path)
-    except OSError:
-        logger.warning("could not fsync %s", path, exc_info=True)
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except OSError:
-        logger.warning("could not remove %s", path, exc_info=True)
+        validate_id(name)
+    except AdapterValidationError:
+        return False
+    return True

@@ -19,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store.format import LoraAdapter, ValidationLimits, parse_adapter  # noqa: E402
 from server.model_loader import LoadedModel, load_base_model  # noqa: E402
+from server.settings import Settings  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def load_default(dtype: str) -> LoadedModel:
-    return load_base_model("default", device="cpu", dtype=DTYPES.get(dtype, dtype))
+    return load_base_model("default", cache_dir=Settings().cache_dir, device="cpu", dtype=DTYPES.get(dtype, dtype))
 
 
 def make_peft(base: torch.nn.Module, specs: dict[str, dict], seed: int = 0) -> PeftModel:

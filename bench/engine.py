@@ -35,200 +35,57 @@ import argparse
 import asyncio
 import copy
 import gc
-import math
 import random
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft
-from transformers.generation.streamers import BaseStreamer
+from hf_peers import run_peer, warm_peers
+from workloads import (
+    MODES,
+    PEERS,
+    POISSON_LOAD,
+    RANKS,
+    SEED,
+    WORKLOADS,
+    Req,
+    Sizes,
+    Trace,
+    chat_prompts,
+    exact_share,
+    log,
+    make_workloads,
+    median_summary,
+    phases,
+    poisson,
+    summarize,
+)
 
-from adapters_store.format import ValidationLimits, parse_adapter
-from adapters_store.residency import Residency
-from adapters_store.store import SHARED, AdapterRecord, AdapterStore
+from adapters_store.store import SHARED, AdapterRecord
 from server.engine import Engine, EngineConfig
 from server.engine_types import GenerationRequest
-from server.model_runner import ModelRunner
 from server.sampling import SamplingParams
+from server.services import build_core
 from server.threads import engine_threads, single_threaded
-
-SEED = 0
-RANKS = (16, 4, 8, 32, 64, 8, 16, 4, 32, 16, 64, 8, 4, 16, 32, 8)  # adapter 0 is the hot one
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
-MODES = ("batched", "merged", "auto")
-PEERS = ("peft_one", "peft_mixed16", "base16")
-STATIC_BATCH = 16
-POISSON_LOAD = 0.7
-HOT_SHARE = 0.8
-PROMPT_TOKENS = (20, 60)
-SYSTEM = "You are a helpful assistant."
-SUBJECTS = (
-    "photosynthesis", "the French Revolution", "black holes", "compound interest", "the immune system",
-    "plate tectonics", "the printing press", "neural networks", "the water cycle", "supply and demand",
-    "the Roman Empire", "quantum entanglement", "climate change", "the stock market", "vaccines",
-    "the internet", "jazz music", "volcanoes", "the Renaissance", "electric cars", "honey bees",
-    "the Silk Road", "solar panels", "sleep", "coral reefs", "inflation", "the Moon landing",
-    "public key cryptography", "bread baking", "glaciers", "the human heart", "chess openings",
-)
-TEMPLATES = (
-    "What is {x}?",
-    "Explain {x} in simple terms.",
-    "Give me three surprising facts about {x}.",
-    "Write a short poem about {x}.",
-    "What are the main pros and cons of {x}?",
-    "How would you explain {x} to a ten-year-old who loves football?",
-    "Summarize the history of {x} in a few sentences, and say why it still matters today.",
-    "I am preparing a lesson for high-school students. Could you explain {x} step by step, with one "
-    "example they can relate to and one common misconception to avoid?",
-    "Compare {x} and {y}: what do they have in common, and how do they differ?",
-    "List five questions a curious student might ask about {x}, then answer the first one briefly.",
-)
-
-
-@dataclass
-class Req:
-    prompt: list[int]
-    adapter: int
-    phase: int = 0  # a phase is submitted when the previous one has completed
-    at: float = 0.0  # arrival offset (s) from the start of its phase
-
-
-@dataclass
-class Trace:
-    """Per request: submit time, arrival time of each output token, and the tokens."""
-
-    submit: list[float]
-    times: list[list[float]]
-    tokens: list[list[int]]
-
-    @classmethod
-    def empty(cls, n: int) -> Trace:
-        return cls([0.0] * n, [[] for _ in range(n)], [[] for _ in range(n)])
-
-
-@dataclass
-class Sizes:
-    requests: int = 64
-    new_tokens: int = 32
-    adapters: int = 16
-    one_at_a_time: int | None = None  # requests given to the one-at-a-time peer (None: all)
-    names: list[str] = field(default_factory=list)
-
-
-# requests -------------------------------------------------------------------------------------------
-
-
-def chat_prompts(tokenizer, n: int, rng: random.Random) -> list[list[int]]:
-    """n distinct chat prompts whose token counts lie in PROMPT_TOKENS."""
-    prompts: list[list[int]] = []
-    seen: set[str] = set()
-    while len(prompts) < n:
-        x, y = rng.sample(SUBJECTS, 2)
-        question = rng.choice(TEMPLATES).format(x=x, y=y)
-        if question in seen:
-            continue
-        seen.add(question)
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if PROMPT_TOKENS[0] <= len(ids) <= PROMPT_TOKENS[1]:
-            prompts.append(list(ids))
-    return prompts
-
-
-def make_workloads(prompts: list[list[int]], n_adapters: int, rng: random.Random) -> dict[str, list[Req]]:
-    """W1-W4 (W5 needs the measured capacity: see poisson)."""
-    n = len(prompts)
-    n_hot = round(HOT_SHARE * n)
-    w3_adapters = [0] * n_hot + [1 + i % (n_adapters - 1) for i in range(n - n_hot)]
-    rng.shuffle(w3_adapters)
-    phase_len = n // 4
-    return {
-        "W1": [Req(p, i % n_adapters) for i, p in enumerate(prompts)],
-        "W2": [Req(p, 0) for p in prompts],
-        "W3": [Req(p, a) for p, a in zip(prompts, w3_adapters, strict=True)],
-        "W4": [Req(p, min(i // phase_len, 3), phase=min(i // phase_len, 3)) for i, p in enumerate(prompts)],
-    }
-
-
-def poisson(reqs: list[Req], rate: float, rng: random.Random) -> list[Req]:
-    t, out = 0.0, []
-    for r in reqs:
-        out.append(Req(r.prompt, r.adapter, at=t))
-        t += rng.expovariate(rate)
-    return out
-
-
-def phases(reqs: list[Req]) -> list[list[int]]:
-    """Request indices grouped by phase, in submission order."""
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(reqs):
-        groups.setdefault(r.phase, []).append(i)
-    return [groups[k] for k in sorted(groups)]
-
-
-# metrics --------------------------------------------------------------------------------------------
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def summarize(trace: Trace) -> dict[str, float]:
-    done = [i for i, t in enumerate(trace.times) if t]
-    wall = max(trace.times[i][-1] for i in done) - min(trace.submit[i] for i in done)
-    ttft = [trace.times[i][0] - trace.submit[i] for i in done]
-    gaps = [b - a for i in done for a, b in zip(trace.times[i], trace.times[i][1:], strict=False)]
-    return {
-        "tok_s": sum(len(trace.tokens[i]) for i in done) / wall,
-        "ttft_mean_ms": 1e3 * statistics.fmean(ttft),
-        "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
-        "itl_p99_ms": 1e3 * percentile(gaps, 0.99) if gaps else float("nan"),
-    }
-
-
-def median_summary(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
-def exact_share(trace: Trace, ref: dict[int, list[int]]) -> float:
-    common = [i for i in ref if trace.tokens[i]]
-    return sum(trace.tokens[i] == ref[i] for i in common) / len(common) if common else float("nan")
-
-T = TypeVar("T")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 # the engine -----------------------------------------------------------------------------------------
 
 
 def build_engine(model, tokenizer, peft, names: list[str], root: Path,
                  threads: int | None = None) -> tuple[Engine, list[AdapterRecord]]:
-    runner = ModelRunner(model, max_loras=16, max_rank=64, max_seqs=64, max_model_len=256)
-    limits = ValidationLimits(max_rank=64)
-    store = AdapterStore(root, lambda i, c, w: parse_adapter(i, c, w, runner.lora.target_shapes, limits))
-    records = [store.put(SHARED, name, *adapter_files(peft, name))[0] for name in names]
-    residency = Residency(store, runner.lora, max_device=16, max_host=64)
     config = EngineConfig(mode="batched", max_batch_size=64, max_model_len=256, max_tokens_per_step=512,
                           max_waiting=1024, threads=threads)
-    engine = Engine(runner, tokenizer, residency, config)
-    engine.start()
-    return engine, records
+    core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64)
+    records = [core.store.put(SHARED, name, *adapter_files(peft, name))[0] for name in names]
+    core.engine.start()
+    return core.engine, records
 
 
 async def drive(engine: Engine, records: list[AdapterRecord], reqs: list[Req], new_tokens: int) -> Trace:
@@ -288,79 +145,12 @@ def warm_up(engine: Engine, records: list[AdapterRecord], prompts: list[list[int
     run_engine(engine, records, every, "batched", 4)
 
 
-# the peers ------------------------------------------------------------------------------------------
-
-
-class TokenClock(BaseStreamer):
-    """Records when each row of a `generate` call receives a token (the first put is the prompt)."""
-
-    def __init__(self, trace: Trace, idx: list[int]):
-        self.trace, self.idx, self.prompt_seen = trace, idx, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        now = time.perf_counter()
-        for i, tok in zip(self.idx, value.reshape(-1).tolist(), strict=True):
-            self.trace.times[i].append(now)
-            self.trace.tokens[i].append(tok)
-
-    def end(self) -> None:
-        pass
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
-def run_static(model, reqs: list[Req], idx: list[int], batch: int, new_tokens: int, pad_id: int,
-               names: list[str] | None, one_at_a_time: bool = False) -> Trace:
-    """Static batches of `batch` requests in submission order; `names`: PEFT adapter names (None: base)."""
-    trace = Trace.empty(len(reqs))
-    chosen = set(idx)
-    with torch.inference_mode():
-        for group in phases(reqs):
-            group = [i for i in group if i in chosen]
-            start = time.perf_counter()
-            for k in range(0, len(group), batch):
-                rows = group[k : k + batch]
-                for i in rows:
-                    trace.submit[i] = start
-                ids, mask = left_pad([reqs[i].prompt for i in rows], pad_id)
-                kwargs = {}
-                if names is not None and one_at_a_time:
-                    model.set_adapter(names[reqs[rows[0]].adapter])
-                elif names is not None:
-                    kwargs["adapter_names"] = [names[reqs[i].adapter] for i in rows]
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
-                               streamer=TokenClock(trace, rows), **kwargs)
-    return trace
-
-
-def run_peer(peer: str, peft, base, reqs: list[Req], sizes: Sizes, pad_id: int) -> Trace:
-    everyone = list(range(len(reqs)))
-    if peer == "peft_one":
-        idx = everyone[: sizes.one_at_a_time] if sizes.one_at_a_time else everyone
-        return run_static(peft, reqs, idx, 1, sizes.new_tokens, pad_id, sizes.names, one_at_a_time=True)
-    if peer == "peft_mixed16":
-        return run_static(peft, reqs, everyone, STATIC_BATCH, sizes.new_tokens, pad_id, sizes.names)
-    return run_static(base, reqs, everyone, STATIC_BATCH, sizes.new_tokens, pad_id, None)
+T = TypeVar("T")
 
 
 def on_engine_thread(engine: Engine, fn: Callable[[], T]) -> T:
     """Run a peer in the idle engine's thread: the same OpenMP team and cores as the engine's forwards."""
     return asyncio.run(engine.call(fn))
-
-
-def warm_peers(peft, base, reqs: list[Req], names: list[str], pad_id: int) -> None:
-    run_static(peft, reqs, [0], 1, 2, pad_id, names, one_at_a_time=True)
-    run_static(peft, reqs, [0, 1], 2, 2, pad_id, names)
-    run_static(base, reqs, [0, 1], 2, 2, pad_id, None)
 
 
 # one dtype ------------------------------------------------------------------------------------------
@@ -401,24 +191,13 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
             warm_up(engine, records, prompts)
             on_engine_thread(engine, partial(warm_peers, peft, base, workloads["W1"], sizes.names, pad_id))
             for w in order:
-                modes = list(args.modes) if w in args.workloads else []
-                if w == "W1" and "W5" in args.workloads and "batched" not in modes:
-                    modes.insert(0, "batched")  # W5's arrival rate comes from W1 batched
-                if w == "W5":
+                if w == "W5":  # arrivals at a share of W1 batched's capacity
                     rate = POISSON_LOAD * table[("W1", "batched")]["tok_s"] / sizes.new_tokens
                     workloads["W5"] = poisson(workloads["W1"], rate, random.Random(SEED + 5))
                     out[f"{dtype}_W5_offered_req_s"] = rate
-                runs: dict[str, list[tuple[Trace, dict]]] = {mode: [] for mode in modes}
-                for rep in range(args.reps):  # modes in rotation: drift hits each mode alike
-                    for mode in modes:
-                        log(f"[{dtype}] {w} {mode} run {rep + 1}/{args.reps}")
-                        runs[mode].append(run_engine(engine, records, workloads[w], mode, sizes.new_tokens))
-                for mode in modes:
-                    record(w, mode, runs[mode])
-                for peer in PEERS if w in args.peers_on else ():
-                    log(f"[{dtype}] {w} {peer} x{args.reps}")
-                    run = partial(run_peer, peer, peft, base, workloads[w], sizes, pad_id)
-                    record(w, peer, [(on_engine_thread(engine, run), {}) for _ in range(args.reps)])
+                for system, runs in bench_workload(engine, records, workloads[w], w, args, sizes, dtype,
+                                                   partial(run_peer, peft=peft, base=base, pad_id=pad_id)):
+                    record(w, system, runs)
         finally:
             engine.shutdown(drain_timeout=5)
 
@@ -431,6 +210,24 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     del engine, records, peft, base, loaded
     gc.collect()
     return out, table
+
+
+def bench_workload(engine: Engine, records: list[AdapterRecord], reqs: list[Req], w: str, args, sizes: Sizes,
+                   dtype: str, peer_run: Callable[..., Trace]) -> list[tuple[str, list[tuple[Trace, dict]]]]:
+    """The engine in each mode (in rotation, `args.reps` times), then the peers on the same requests."""
+    modes = list(args.modes) if w in args.workloads else []
+    if w == "W1" and "W5" in args.workloads and "batched" not in modes:
+        modes.insert(0, "batched")  # W5's arrival rate comes from W1 batched
+    runs: dict[str, list[tuple[Trace, dict]]] = {mode: [] for mode in modes}
+    for rep in range(args.reps):  # modes in rotation: drift hits each mode alike
+        for mode in modes:
+            log(f"[{dtype}] {w} {mode} run {rep + 1}/{args.reps}")
+            runs[mode].append(run_engine(engine, records, reqs, mode, sizes.new_tokens))
+    for peer in PEERS if w in args.peers_on else ():
+        log(f"[{dtype}] {w} {peer} x{args.reps}")
+        run = partial(peer_run, peer, reqs=reqs, sizes=sizes)
+        runs[peer] = [(on_engine_thread(engine, run), {}) for _ in range(args.reps)]
+    return list(runs.items())
 
 
 def reference_tokens(traces: dict[tuple[str, str], Trace], w: str) -> dict[int, list[int]]:

@@ -21,7 +21,8 @@ from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft, med
 from transformers import DynamicCache
 
 from adapters_store.format import ValidationLimits, parse_adapter
-from adapters_store.residency import Residency
+from adapters_store.host_cache import HostCache
+from adapters_store.identity import AdapterIdentity
 from adapters_store.store import SHARED, AdapterStore
 from server.model_runner import ModelRunner, StepInput
 
@@ -46,11 +47,11 @@ def decode_step(rows: int, slots: list[int], ids: torch.Tensor) -> StepInput:
                      decode=list(range(rows)), logits_idx=list(range(rows)))
 
 
-def measure_batch(runner: ModelRunner, peft, names: list[str], ids: torch.Tensor, b: int, reps: int,
-                  dtype: str) -> dict[str, float]:
+def measure_batch(runner: ModelRunner, peft, names: list[str], slots: list[int], ids: torch.Tensor, b: int,
+                  reps: int, dtype: str) -> dict[str, float]:
     """Prefill and decode of b rows, each its own adapter, against the base model, ours and PEFT's."""
     out: dict[str, float] = {}
-    lora, base = list(range(b)), [-1] * b
+    lora, base = slots[:b], [-1] * b
     x = ids[:b, :PREFILL]
     t_base, t_lora, p_lora = rotated_times([
         lambda: runner.forward(prefill_step(b, base, PREFILL, ids)),
@@ -83,6 +84,30 @@ def measure_batch(runner: ModelRunner, peft, names: list[str], ids: torch.Tensor
     return out
 
 
+def swap_times(runner: ModelRunner, peft, names: list[str], slots: list[int], reps: int) -> tuple[float, float]:
+    """Median time of one merged swap between two adapters: ours, and PEFT's unmerge + merge."""
+    state = {"i": 0}
+
+    def ours_swap():
+        state["i"] ^= 1
+        runner.slots.merge(slots[state["i"]])
+
+    t_swap = median_time(ours_swap, reps)
+    runner.slots.merge(None)
+
+    def peft_swap():
+        state["i"] ^= 1
+        peft.unmerge_adapter()
+        peft.set_adapter(names[state["i"]])
+        peft.merge_adapter()
+
+    peft.set_adapter(names[0])
+    peft.merge_adapter()
+    p_swap = median_time(peft_swap, reps)
+    peft.unmerge_adapter()
+    return t_swap, p_swap
+
+
 def bench_dtype(dtype: str, batches: list[int], reps: int) -> dict:
     loaded = load_default(dtype)
     n_adapters = max(batches)
@@ -91,49 +116,36 @@ def bench_dtype(dtype: str, batches: list[int], reps: int) -> dict:
     names = list(specs)
     runner = ModelRunner(loaded.model, max_loras=n_adapters, max_rank=16, max_seqs=n_adapters,
                          max_model_len=KV + 8)
-    for slot, name in enumerate(names):
-        runner.lora.load_slot(slot, parsed(peft, name, runner.lora.target_shapes))
+    slots, idents = [], []
+    for name in names:
+        adapter = parsed(peft, name, runner.lora.shapes)
+        idents.append(AdapterIdentity(SHARED, name, adapter.sha256))
+        slots.append(runner.slots.pin(idents[-1], adapter))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (n_adapters, KV + 1), generator=g)
     out: dict[str, float] = {}
     with torch.inference_mode():
         for b in batches:
-            out.update(measure_batch(runner, peft, names, ids, b, reps, dtype))
+            out.update(measure_batch(runner, peft, names, slots, ids, b, reps, dtype))
         decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
-        state = {"i": 0}
-
-        def ours_swap():
-            state["i"] ^= 1
-            runner.merged.merge(state["i"])
-
-        t_swap = median_time(ours_swap, reps)
-        runner.merged.unmerge()
-
-        def peft_swap():
-            state["i"] ^= 1
-            peft.unmerge_adapter()
-            peft.set_adapter(names[state["i"]])
-            peft.merge_adapter()
-
-        peft.set_adapter(names[0])
-        peft.merge_adapter()
-        p_swap = median_time(peft_swap, reps)
-        peft.unmerge_adapter()
+        t_swap, p_swap = swap_times(runner, peft, names, slots, reps)
         out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap
         out[f"{dtype}_swap_vs_decode_step_b8"] = t_swap / decode8
         out[f"{dtype}_swap_ms"] = t_swap * 1e3
 
         with tempfile.TemporaryDirectory() as tmp:
             limits = ValidationLimits(max_rank=16)
-            shapes = runner.lora.target_shapes
+            shapes = runner.lora.shapes
             store = AdapterStore(Path(tmp), lambda i, c, w: parse_adapter(i, c, w, shapes, limits))
             record, _ = store.put(SHARED, "cold", *adapter_files(peft, names[0]))
-            residency = Residency(store, runner.lora, max_device=n_adapters, max_host=0)
+            host = HostCache(store, max_idle=0)
+            runner.slots.evict(idents[-1])  # a free slot for the cold loads
 
-            def cold():
-                slot = residency.acquire(record)
-                residency.release(record, slot)
-                residency.evict(record)
+            def cold():  # store -> host copy -> device slot, then evicted from both
+                copy = host.lease(record)
+                runner.slots.release(runner.slots.acquire(record.identity, copy.adapter))
+                host.release(copy)
+                runner.slots.evict(record.identity)
 
             t_cold = median_time(cold, reps)
         out[f"{dtype}_cold_load_ms"] = t_cold * 1e3

@@ -42,25 +42,22 @@ from pathlib import Path
 
 import httpx
 from common import ALL_LINEAR, DTYPES, adapter_files, load_default, make_peft
-from engine import (
+from engine import build_engine, run_benchmark, run_engine, warm_up
+from peft import PeftModel
+from workloads import (
     POISSON_LOAD,
     RANKS,
     SEED,
     Req,
     Sizes,
     Trace,
-    build_engine,
     chat_prompts,
     log,
     make_workloads,
     median_summary,
     poisson,
-    run_benchmark,
-    run_engine,
     summarize,
-    warm_up,
 )
-from peft import PeftModel
 
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE
 from server.model_loader import LoadedModel

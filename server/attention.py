@@ -9,13 +9,14 @@ attend in one batched SDPA call over the rows they occupy; prefill chunks attend
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-ATTN_NAME = "loramux"
+from server.step_context import ForwardContext
 
 
 class KVCache:
@@ -75,12 +76,13 @@ def build_attn_meta(cache: KVCache, rows: list[int], positions: list[int], decod
     )
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface. query: [1, H, N, D]; key/value: [1, Hkv, N, D].
+def packed_attention(context: ForwardContext, module, query, key, value, attention_mask, scaling=None,
+                     dropout=0.0, **kwargs):
+    """transformers attention interface (bound to a model's ForwardContext, which holds the step's AttnMeta).
 
-    Returns ([1, N, H, D], None). Needs `loramux_meta=AttnMeta` in the model's forward kwargs.
+    query: [1, H, N, D]; key/value: [1, Hkv, N, D]. Returns ([1, N, H, D], None).
     """
-    meta: AttnMeta = kwargs["loramux_meta"]
+    meta: AttnMeta = context.current.attn
     layer = module.layer_idx
     kc, vc = meta.cache.k[layer], meta.cache.v[layer]  # [R, Hkv, T, D]
     kc[meta.rows, :, meta.positions] = key[0].transpose(0, 1)  # [N, Hkv, D]
@@ -120,8 +122,9 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def register() -> str:
-    """Register the packed attention with transformers under ATTN_NAME (idempotent)."""
-    AttentionInterface.register(ATTN_NAME, packed_attention)
-    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
-    return ATTN_NAME
+def register(context: ForwardContext) -> str:
+    """Register the packed attention of one model (reading `context`) with transformers; returns its name."""
+    name = f"loramux_{id(context):x}"
+    AttentionInterface.register(name, partial(packed_attention, context))
+    AttentionMaskInterface.register(name, _no_mask)
+    return name

@@ -6,23 +6,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adapters_store.errors import ServingError
 from adapters_store.store import AdapterRecord
 from server.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Mode = Literal["auto", "batched", "merged"]
-
-
-class EngineOverloaded(Exception):
-    """The waiting queue is full (HTTP 503 with Retry-After)."""
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down or died; no new requests are taken (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +44,7 @@ class SeqOutput:
     finish_reason: FinishReason | None  # set on the sample's last output
     prompt_tokens: int
     completion_tokens: int  # generated so far by this sample
-    error: str | None = None
-    error_status: int | None = None  # HTTP status that fits the error (e.g. 404: adapter purged while queued)
+    error: ServingError | None = None  # with finish_reason "error": why (typed, carries its HTTP status)
     queue_seconds: float | None = None  # on a sample's first token: arrival to admission into the batch
 
 
@@ -65,7 +53,7 @@ class EngineStats:
     running: int
     waiting: int
     mode: Mode
-    merged_adapter: str | None  # key of the adapter folded into the weights
+    merged_adapter: str | None  # identity of the adapter folded into the weights
     steps: int
     swaps: int
     step_seconds: dict[str, float]  # execution kind ("batched", "merged", "hybrid") -> seconds spent

@@ -68,19 +68,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def cache_root() -> Path:
-    base = os.environ.get("LORAMUX_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    return Path(base) / "loramux" if base else Path.home() / ".cache" / "loramux"
-
-
 def _fingerprint(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
-    """Dequantize `gguf` once into an HF directory (safetensors) and return that directory."""
-    target = (cache_dir or cache_root() / "models") / f"{gguf.stem}-{_fingerprint(gguf)}"
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantize `gguf` once into an HF directory (safetensors) under `cache_dir`/models; returns it."""
+    target = cache_dir / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors (first start only, takes a while)...", gguf.name)
@@ -102,14 +97,17 @@ def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:
     return target
 
 
-def load_base_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load `spec` ('default', an HF directory or a .gguf file) frozen, in eval mode, on device/dtype."""
+def load_base_model(spec: str, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load `spec` ('default', an HF directory or a .gguf file) frozen, in eval mode, on device/dtype.
+
+    GGUF files are converted once into `cache_dir`.
+    """
     if spec == "default":
-        source, name = convert_gguf(default_gguf_path()), DEFAULT_NAME
+        source, name = convert_gguf(default_gguf_path(), cache_dir), DEFAULT_NAME
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf" and path.is_file():
-            source, name = convert_gguf(path), path.stem
+            source, name = convert_gguf(path, cache_dir), path.stem
         elif (path / "config.json").is_file():
             source, name = path, path.name
         else:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
 from server.attention import KVCache, build_attn_meta, register
-from server.lora_batch import plan_lora_batch
-from server.lora_layers import LoraRuntime
-from server.merge import MergedWeights
+from server.lora.plan import plan_lora
+from server.lora.runtime import LoraRuntime
+from server.lora.slots import SlotTable
+from server.step_context import ForwardContext, StepContext
 
 
 @dataclass
@@ -43,34 +45,37 @@ def context_limit(model: PreTrainedModel) -> int:
 
 
 class ModelRunner:
-    """Owns the model, its LoRA slots, the merged state and the KV cache (single-threaded use)."""
+    """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use)."""
 
     def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_seqs: int,
-                 max_model_len: int):
-        model.set_attn_implementation(register())
+                 max_model_len: int, on_slot_load: Callable[[float], None] | None = None):
         self.model = model
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.lora = LoraRuntime(model, max_loras=max_loras, max_rank=max_rank)
-        self.merged = MergedWeights(self.lora)
+        self.context = ForwardContext()
+        self.lora = LoraRuntime(model, max_loras, max_rank, self.context)  # probes the model: before attention
+        self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
+        model.set_attn_implementation(register(self.context))
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
         self.cache = KVCache(layers, max_seqs, kv_heads, self.max_model_len, head_dim, self.dtype, self.device)
         self.vocab_size = self.head.weight.shape[0]
 
+    def step_context(self, step: StepInput) -> StepContext:
+        """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
+        lora = plan_lora(step.token_slots, self.slots.ranks(), slot_groups=self.slots.groups(),
+                         merged_slot=self.slots.merged_slot, device=self.device, dtype=self.lora.dtype)
+        attn = build_attn_meta(self.cache, step.rows, step.positions, step.decode, step.prefills, self.device)
+        return StepContext(attn=attn, lora=lora)
+
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the step; returns float32 logits [len(step.logits_idx), V]."""
-        self.lora.set_batch(plan_lora_batch(
-            step.token_slots, self.lora.slot_ranks, merged_slot=self.merged.slot,
-            device=self.device, dtype=self.lora.dtype,
-        ))
-        meta = build_attn_meta(self.cache, step.rows, step.positions, step.decode, step.prefills, self.device)
-        ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
-        out = self.backbone(input_ids=ids, position_ids=meta.positions[None], loramux_meta=meta, use_cache=False)
-        idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
-        hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
-        self.lora.set_batch(None)
+        with self.context.bind(self.step_context(step)) as ctx:
+            ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
+            out = self.backbone(input_ids=ids, position_ids=ctx.attn.positions[None], use_cache=False)
+            idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
+            hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
         return self.head(hidden).float()

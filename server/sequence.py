@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters_store.host_cache import HostCopy
+from adapters_store.identity import AdapterIdentity
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import FinishReason, GenerationRequest, SeqOutput
 
@@ -41,6 +43,8 @@ class Sequence:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     stopper: StopStringMatcher
+    stop_ids: frozenset[int]  # token ids that end the sequence (EOS unless ignored, and stop_token_ids)
+    host: HostCopy | None = None  # lease on the adapter's host copy, held from acceptance to the end
     output_ids: list[int] = field(default_factory=list)
     row: int | None = None  # KV-cache row while admitted
     slot: int = -1  # adapter slot while admitted (-1: base model)
@@ -49,12 +53,15 @@ class Sequence:
     t_admitted: float | None = None
     t_first: float | None = None
     t_last: float | None = None
-    emitted_text: int = 0
 
     @property
-    def adapter_key(self) -> str | None:
-        a = self.req.adapter
-        return None if a is None else f"{a.key}@{a.sha256}"
+    def adapter(self) -> AdapterIdentity | None:
+        return None if self.req.adapter is None else self.req.adapter.identity
+
+    @property
+    def label(self) -> str:
+        """Metric label of the adapter: its name (namespace/id), '' for the base model."""
+        return "" if self.req.adapter is None else self.req.adapter.key
 
     @property
     def prompt_len(self) -> int:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/loramux, else ~/.cache/loramux."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "loramux"
 
 
 class Settings(BaseSettings):
@@ -16,6 +23,8 @@ class Settings(BaseSettings):
 
     model: str = Field("default", description="'default', a Hugging Face model directory or a .gguf file")
     adapters_dir: Path = Field(Path(".loramux/adapters"), description="root of the durable adapter store")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="converted GGUF weights and other caches (default ~/.cache/loramux)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     mode: Literal["auto", "batched", "merged"] = "auto"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine_types import TokenLogprob
-from server.lora_batch import rank_bucket
+from server.lora.plan import rank_bucket
 from server.model_runner import StepInput
 from server.sampling import apply_min_tokens, compute_logprobs, sample
 from server.sequence import Sequence

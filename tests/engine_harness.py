@@ -7,29 +7,30 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters_store.format import ValidationLimits, parse_adapter, read_adapter_dir
-from adapters_store.residency import Residency
-from adapters_store.store import SHARED, AdapterRecord, AdapterStore
+from adapters_store.format import read_adapter_dir
+from adapters_store.store import SHARED, AdapterRecord
 from server.engine import Engine, EngineConfig
 from server.engine_types import GenerationRequest
 from server.model_loader import load_base_model
-from server.model_runner import ModelRunner
 from server.sampling import SamplingParams
+from server.services import Core, build_core
 
 
-def build_engine(model_dir: Path, adapter_dirs: dict[str, Path], root: Path, *, max_loras: int = 8,
-                 max_host: int = 32, **config) -> tuple[Engine, dict[str, AdapterRecord]]:
-    loaded = load_base_model(str(model_dir), device="cpu", dtype="float32")
+def build_stack(model_dir: Path, adapter_dirs: dict[str, Path], root: Path, *, max_loras: int = 8,
+                max_host: int = 32, **config) -> tuple[Core, dict[str, AdapterRecord]]:
+    """The serving stack over the tiny model (started), with each adapter stored in the shared namespace."""
+    loaded = load_base_model(str(model_dir), cache_dir=root / "cache", device="cpu", dtype="float32")
     cfg = EngineConfig(**({"threads": 1} | config))  # tiny models: one thread (see server/threads.py)
-    runner = ModelRunner(loaded.model, max_loras=max_loras, max_rank=16, max_seqs=cfg.max_batch_size,
-                         max_model_len=cfg.max_model_len)
-    limits = ValidationLimits(max_rank=16)
-    store = AdapterStore(root, lambda i, c, w: parse_adapter(i, c, w, runner.lora.target_shapes, limits))
-    records = {name: store.put(SHARED, name, *read_adapter_dir(d))[0] for name, d in adapter_dirs.items()}
-    residency = Residency(store, runner.lora, max_device=max_loras, max_host=max_host)
-    engine = Engine(runner, loaded.tokenizer, residency, cfg)
-    engine.start()
-    return engine, records
+    core = build_core(loaded.model, loaded.tokenizer, root / "store", cfg, max_loras=max_loras, max_rank=16,
+                      max_cpu_loras=max_host)
+    records = {name: core.store.put(SHARED, name, *read_adapter_dir(d))[0] for name, d in adapter_dirs.items()}
+    core.engine.start()
+    return core, records
+
+
+def build_engine(model_dir: Path, adapter_dirs: dict[str, Path], root: Path, **kwargs) -> tuple[Engine, dict]:
+    core, records = build_stack(model_dir, adapter_dirs, root, **kwargs)
+    return core.engine, records
 
 
 @dataclass

@@ -63,8 +63,8 @@ class ThreadServer:
         self.thread.join(timeout=30)
 
     @property
-    def state(self):
-        return self.app.state
+    def services(self):
+        return self.app.state.services
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import pickle
 from pathlib import Path
@@ -29,12 +30,11 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
+from adapters_store.config import AdapterConfig, pattern_key
 from adapters_store.errors import AdapterValidationError
 from adapters_store.format import (
     ModuleShape,
     ValidationLimits,
-    _LoraConfig,
-    _pattern_key,
     adapter_sha256,
     read_adapter_dir,
 )
@@ -161,7 +161,7 @@ SELECTION_CONFIGS = [
 
 @pytest.mark.parametrize("fields", SELECTION_CONFIGS)
 def test_selection_semantics_equal_peft(llama_shapes: dict[str, ModuleShape], fields: dict) -> None:
-    ours = _LoraConfig._from_dict("x", {"peft_type": "LORA", **fields}, LIMITS)
+    ours = AdapterConfig.parse("x", json.dumps({"peft_type": "LORA", **fields}).encode(), LIMITS)
     theirs = LoraConfig(**fields)
     for name in llama_shapes:
         assert ours.selects(name) == bool(check_target_module_exists(theirs, name)), name
@@ -180,7 +180,7 @@ def test_selection_semantics_equal_peft(llama_shapes: dict[str, ModuleShape], fi
 def test_pattern_key_equals_peft(llama_shapes: dict[str, ModuleShape], patterns: dict) -> None:
     for name in llama_shapes:
         theirs = get_pattern_key(patterns.keys(), name)
-        assert _pattern_key(patterns, name) == (theirs if theirs in patterns else None), name
+        assert pattern_key(patterns, name) == (theirs if theirs in patterns else None), name
 
 
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:

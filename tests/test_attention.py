@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.attention import KVCache, build_attn_meta, packed_attention
+from server.step_context import ForwardContext, StepContext
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: the output's own rounding
@@ -36,7 +37,9 @@ class Packed:
         n = len(rows)
         q, k, v = (torch.randn(1, h, n, DIM, generator=self.gen).to(self.dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
         meta = build_attn_meta(self.cache, rows, positions, decode, prefills, torch.device("cpu"))
-        out = packed_attention(SimpleNamespace(layer_idx=0), q, k, v, None, scaling=DIM**-0.5, loramux_meta=meta)[0]
+        context = ForwardContext()
+        with context.bind(StepContext(attn=meta, lora=None)):
+            out = packed_attention(context, SimpleNamespace(layer_idx=0), q, k, v, None, scaling=DIM**-0.5)[0]
         for t, (row, pos) in enumerate(zip(rows, positions, strict=True)):
             ks, vs = self.history.get(row, (k.new_empty(0, KV_HEADS, DIM), v.new_empty(0, KV_HEADS, DIM)))
             assert ks.shape[0] == pos, "the test writes each row's positions in order"

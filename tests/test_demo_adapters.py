@@ -30,7 +30,7 @@ async def answers(url: str, model: str) -> list[str]:
 def test_each_demo_adapter_shows_its_behaviour_and_the_base_model_none(tmp_path, dtype):
     settings = make_settings("default", tmp_path / "store", seed_adapters=DEMO, dtype=dtype, max_model_len=512)
     with thread_server(settings) as server:
-        base_name = server.state.served_model_name
+        base_name = server.services.served_model_name
         outputs = {name: asyncio.run(answers(server.url, name)) for name in [base_name, *BEHAVIOURS]}
     for behaviour, check in BEHAVIOURS.items():
         base_hits = [t for t in outputs[base_name] if check(t)]

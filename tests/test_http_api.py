@@ -6,7 +6,6 @@ import io
 import json
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -14,8 +13,6 @@ import pytest
 import safetensors.torch
 import torch
 from http_fixtures import complete, make_settings, metric_value, store_listing, thread_server, upload
-
-from server.__main__ import parse_settings
 
 MAX_UPLOAD_MB = 1
 
@@ -109,6 +106,14 @@ def test_adapter_lifecycle(client, base_name, tiny_adapter_dirs):
                                                              "namespace": "shared", "evicted": True, "purged": False}
     assert client.get("/v1/adapters/life").json()["residency"] == "disk"
     assert complete(client, "life", prompt)["choices"][0]["text"] == first
+
+    metrics = client.get("/metrics").text
+    for tier in ("host", "device"):  # read from the store twice (evicted in between), copied into a slot twice
+        assert metric_value(metrics, "loramux_adapter_loads_total", tier=tier) >= 2
+        assert metric_value(metrics, "loramux_adapter_load_seconds_count", tier=tier) >= 2
+        assert metric_value(metrics, "loramux_adapter_load_seconds_sum", tier=tier) > 0
+    assert metric_value(metrics, "loramux_step_seconds_total", kind="batched") > 0
+    assert metric_value(metrics, "loramux_generated_tokens_total", adapter="shared/life") > 0
 
     assert client.delete("/v1/adapters/life", params={"purge": "true"}).json()["purged"] is True
     gone = client.get("/v1/adapters/life")
@@ -388,24 +393,3 @@ def test_vllm_aliases(server, client, tiny_adapter_dirs, monkeypatch):
     monkeypatch.setattr(server.settings, "vllm_lora_dir", None)
     r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a6"})
     assert r.status_code == 404 and "--vllm-lora-dir" in r.json()["error"]["message"]
-
-
-def test_cli_flags_and_environment(monkeypatch):
-    defaults = parse_settings([])
-    assert (defaults.model, defaults.host, defaults.port, defaults.adapters_dir) == (
-        "default", "127.0.0.1", 8000, Path(".loramux/adapters"))
-    assert (defaults.max_loras, defaults.max_cpu_loras, defaults.max_rank, defaults.api_keys_file) == (16, 64, 64, None)
-    monkeypatch.setenv("LORAMUX_MAX_LORAS", "3")
-    monkeypatch.setenv("LORAMUX_PRELOAD", "x, y")
-    monkeypatch.setenv("LORAMUX_MODE", "merged")
-    s = parse_settings([])
-    assert (s.max_loras, s.preload, s.mode) == (3, ["x", "y"], "merged")
-    s = parse_settings(["--max-loras", "5", "--preload", "a,b", "c", "--api-keys-file", "keys.yaml", "--dtype",
-                        "bfloat16", "--served-model-name", "base", "--seed-adapters", "adapters_store/demo",
-                        "--max-upload-mb", "2"])
-    assert (s.max_loras, s.preload, s.api_keys_file, s.dtype, s.served_model_name) == (
-        5, ["a", "b", "c"], Path("keys.yaml"), "bfloat16", "base")
-    assert s.seed_adapters == Path("adapters_store/demo") and s.max_upload_bytes == 2 * 2**20
-    for bad in (["--mode", "fast"], ["--port", "-1"], ["--max-loras", "many"]):
-        with pytest.raises(SystemExit):
-            parse_settings(bad)

@@ -99,17 +99,17 @@ def test_evict_and_purge_during_in_flight_requests(server, tiny_adapter_dirs):
             assert gone.status_code == 404
 
     asyncio.run(scenario())
-    assert server.state.engine.alive
+    assert server.services.engine.alive
 
 
 def _running(server) -> int:
-    return server.state.engine.stats().running
+    return server.services.engine.stats().running
 
 
 def _wait_idle(server, timeout: float = 5) -> None:
     deadline = time.monotonic() + timeout
-    while _running(server) or server.state.engine.stats().waiting:
-        assert time.monotonic() < deadline, f"still running: {server.state.engine.stats()}"
+    while _running(server) or server.services.engine.stats().waiting:
+        assert time.monotonic() < deadline, f"still running: {server.services.engine.stats()}"
         time.sleep(0.01)
 
 
@@ -128,7 +128,7 @@ def test_client_disconnect_frees_the_slot(server):
         text = c.get("/metrics").text
         assert metric_value(text, "loramux_requests_running") == 0
         assert metric_value(text, "loramux_cancelled_total") >= cancelled_before + 2
-        assert server.state.tenant_limiter.in_progress(None) == 0
+        assert server.services.tenant_limiter.in_progress(None) == 0
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def small_server(tiny_model_dir, tmp_path_factory):
 
 
 def test_overload_gets_503_quickly_while_health_answers(small_server):
-    base = small_server.state.served_model_name
+    base = small_server.services.served_model_name
 
     async def scenario() -> tuple[list[tuple[int, float, str | None]], float]:
         async with httpx.AsyncClient(base_url=small_server.url, timeout=120) as c:

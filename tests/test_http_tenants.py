@@ -129,7 +129,7 @@ def test_shared_adapters(ops, acme, globex, tiny_adapter_dirs):
 
 
 def test_per_tenant_concurrency_429(server, tiny_adapter_dirs):
-    base = server.state.served_model_name
+    base = server.services.served_model_name
     body = {"model": base, "prompt": "Quota", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response]:
@@ -152,7 +152,7 @@ def test_per_tenant_concurrency_429(server, tiny_adapter_dirs):
 
 def test_keys_never_logged(server, acme, caplog):
     with caplog.at_level(logging.DEBUG):
-        _complete(acme, server.state.served_model_name)
+        _complete(acme, server.services.served_model_name)
         with _client(server, "sk-bogus-key-that-must-not-leak") as c:
             assert c.get("/v1/models").status_code == 401
     text = caplog.text

@@ -6,12 +6,21 @@ import random
 
 import pytest
 import torch
+from lora_reference import lora_reference
 
-from server.lora_batch import NO_ADAPTER, place_slot, plan_lora_batch
-from server.lora_ops import expand, lora_reference, shrink
+from server.lora.ops import expand, shrink
+from server.lora.plan import NO_ADAPTER, plan_lora
+from server.lora.slots import place_slot
 
 S, R, M, D_IN = 6, 8, 3, 32
 D_OUT = [32, 16, 16]
+
+
+GROUPS = [frozenset({0})] * S  # every slot adapts the one group of these tests
+
+
+def plan_lora_batch(token_slots, slot_ranks, **kwargs):
+    return plan_lora(token_slots, slot_ranks, slot_groups=GROUPS, **kwargs)
 
 
 def buffers(seed: int):

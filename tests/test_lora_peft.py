@@ -10,9 +10,9 @@ import torch
 from tiny_models import (
     GPT2_ADAPTERS,
     LLAMA_ADAPTERS,
-    load_parsed,
     make_adapters,
     peft_logits,
+    pin_adapters,
     tiny_gpt2,
     tiny_llama,
 )
@@ -27,11 +27,7 @@ def setup(request, tmp_path_factory):
     base, specs = (tiny_llama(), LLAMA_ADAPTERS) if request.param == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(request.param))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_seqs=12, max_model_len=128)
-    slots = {}
-    for slot, (name, path) in enumerate(aset.dirs.items()):
-        runner.lora.load_slot(slot, load_parsed(name, path, runner.lora.target_shapes))
-        slots[name] = slot
-    return runner, aset, slots
+    return runner, aset, pin_adapters(runner, aset.dirs)
 
 
 def prefill_step(seqs: list[tuple[int, list[int], int]]) -> StepInput:
@@ -117,7 +113,7 @@ def test_merged_matches_peft_merged_and_hybrid_rows(setup):
     runner, aset, slots = setup
     rng = random.Random(11)
     merged = list(slots)[2]
-    runner.merged.merge(slots[merged])
+    runner.slots.merge(slots[merged])
     try:
         ids = rand_ids(rng, 9)
         aset.peft.set_adapter(merged)
@@ -139,7 +135,7 @@ def test_merged_matches_peft_merged_and_hybrid_rows(setup):
                                        atol=TOL, rtol=0)
             offset += len(x)
     finally:
-        runner.merged.unmerge()
+        runner.slots.merge(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -147,16 +143,15 @@ def test_thousand_swaps_restore_weights_bitwise(tmp_path, dtype):
     base = tiny_llama()
     aset = make_adapters(copy.deepcopy(base), LLAMA_ADAPTERS, tmp_path)
     runner = ModelRunner(copy.deepcopy(base).to(dtype), max_loras=8, max_rank=16, max_seqs=2, max_model_len=32)
-    for slot, (name, path) in enumerate(aset.dirs.items()):
-        runner.lora.load_slot(slot, load_parsed(name, path, runner.lora.target_shapes))
+    slots = list(pin_adapters(runner, aset.dirs).values())
     original = {k: v.clone() for k, v in runner.model.state_dict().items()}
     rng = random.Random(0)
     changed = False
     for _ in range(1000):
-        runner.merged.merge(rng.choice([None, *range(len(aset.dirs))]))
-        if runner.merged.slot is not None and not changed:
+        runner.slots.merge(rng.choice([None, *slots]))
+        if runner.slots.merged_slot is not None and not changed:
             changed = any(not torch.equal(v, original[k]) for k, v in runner.model.state_dict().items())
-    runner.merged.unmerge()
+    runner.slots.merge(None)
     assert changed, "merging never changed a weight: the test would prove nothing"
     for k, v in runner.model.state_dict().items():
         assert torch.equal(v, original[k]), k

@@ -14,10 +14,11 @@ import pytest
 import safetensors.torch
 import torch
 
-import adapters_store.store as store_mod
+import adapters_store.files as files_mod
 from adapters_store.errors import AdapterConflict, AdapterCorrupt, AdapterNotFound, AdapterValidationError
 from adapters_store.format import ModuleShape, ValidationLimits, parse_adapter
-from adapters_store.store import SHARED, AdapterStore, validate_id, validate_namespace
+from adapters_store.identity import validate_id, validate_namespace
+from adapters_store.store import SHARED, AdapterStore
 
 # q: 16 -> 16, v: 16 -> 8 (GQA-like), two layers
 SHAPES = {
@@ -298,7 +299,7 @@ class Faults:
         targets = [(os, "replace"), (os, "fsync"), (os, "mkdir"), (os, "open"), (shutil, "rmtree")]
         for module, name in targets:
             monkeypatch.setattr(module, name, self._wrap(getattr(module, name)))
-        monkeypatch.setattr(store_mod, "open", self._wrap(open), raising=False)
+        monkeypatch.setattr(files_mod, "open", self._wrap(open), raising=False)
 
     def _wrap(self, fn: Callable) -> Callable:
         def wrapper(*args: object, **kwargs: object) -> object:

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from adapters_store.format import LoraAdapter, ValidationLimits, parse_adapter, read_adapter_dir
+from adapters_store.identity import AdapterIdentity
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -97,6 +98,15 @@ def make_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path, see
 def load_parsed(name: str, path: Path, target_shapes, max_rank: int = 64) -> LoraAdapter:
     config, weights = read_adapter_dir(path)
     return parse_adapter(name, config, weights, target_shapes, ValidationLimits(max_rank=max_rank))
+
+
+def pin_adapters(runner, dirs: dict[str, Path]) -> dict[str, int]:
+    """Parse each PEFT directory and pin it into a slot of the runner's slot table; name -> slot."""
+    slots = {}
+    for name, path in dirs.items():
+        adapter = load_parsed(name, path, runner.lora.shapes)
+        slots[name] = runner.slots.pin(AdapterIdentity("test", name, adapter.sha256), adapter)
+    return slots
 
 
 @torch.no_grad()

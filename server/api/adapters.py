@@ -6,20 +6,15 @@ import asyncio
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_dir
 from adapters_store.store import SHARED, AdapterRecord
-from server.api.auth import (
-    Principal,
-    authenticate,
-    require_manage,
-    resolve_adapter,
-    scope_namespace,
-    visible_adapters,
-)
+from server.api.auth import PrincipalDep, require_manage, resolve_adapter, scope_namespace, visible_adapters
+from server.api.deps import ServicesDep
 from server.api.errors import APIError, error_responses
+from server.api.keys import Principal
 from server.api.schemas import (
     AdapterEvicted,
     AdapterInfo,
@@ -28,18 +23,20 @@ from server.api.schemas import (
     UnloadLoraAdapterRequest,
 )
 from server.api.upload import UPLOAD_BODY, read_upload_form
+from server.residency import Residency
+from server.services import Services
 
 router = APIRouter(tags=["adapters"], responses=error_responses(400, 401, 403, 404, 413, 422, 500, 503))
 
 
-async def adapter_infos(request: Request, records: list[AdapterRecord]) -> list[dict]:
-    """`adapter_info` of each record, in a worker thread (residency's lock is held while a slot loads)."""
-    return await asyncio.to_thread(lambda: [adapter_info(request, r) for r in records])
+async def adapter_infos(residency: Residency, records: list[AdapterRecord]) -> list[dict]:
+    """`adapter_info` of each record, in a worker thread (the slot table's lock is held while a slot loads)."""
+    return await asyncio.to_thread(lambda: [adapter_info(residency, r) for r in records])
 
 
-def adapter_info(request: Request, record: AdapterRecord) -> dict:
+def adapter_info(residency: Residency, record: AdapterRecord) -> dict:
     """Stored metadata plus residency (tier, pin, in-flight count, requests served, last use as unix time)."""
-    info = request.app.state.residency.info(record)
+    info = residency.info(record)
     last_used = None if info.last_used is None else time.time() - (time.monotonic() - info.last_used)
     return AdapterInfo(
         id=record.id, namespace=record.namespace, shared=record.namespace == SHARED, rank=record.rank,
@@ -59,85 +56,68 @@ def _upload_namespace(principal: Principal, tenant: str | None, shared: bool) ->
     return scope_namespace(principal, tenant) or principal.namespace
 
 
-async def make_resident(request: Request, record: AdapterRecord, pin: bool | None) -> None:
-    """Load into a device slot now; `pin` true keeps it there, false unpins it, None keeps its pin state."""
-    residency, engine = request.app.state.residency, request.app.state.engine
-    await asyncio.to_thread(residency.ensure_host, record)  # disk read off the engine thread
-
-    def load() -> None:
-        keep = residency.info(record).pinned if pin is None else pin
-        residency.pin(record)
-        if not keep:
-            residency.unpin(record)
-
-    await engine.call(load)
-
-
-async def evict(request: Request, record: AdapterRecord, purge: bool) -> None:
+async def evict(services: Services, record: AdapterRecord, purge: bool) -> None:
     """Drop from memory (in-flight requests keep their copy until they finish); `purge` deletes it from disk."""
-    residency = request.app.state.residency
-    await request.app.state.engine.call(lambda: residency.evict(record))
+    await services.residency.evict(record)
     if purge:
-        await asyncio.to_thread(request.app.state.store.delete, record.namespace, record.id)
+        await asyncio.to_thread(services.store.delete, record.namespace, record.id)
 
 
 @router.post("/v1/adapters", status_code=201, response_model=AdapterInfo, openapi_extra=UPLOAD_BODY,
              responses={200: {"model": AdapterInfo, "description": "already stored with the same content"},
                         **error_responses(409)})
-async def upload_adapter(request: Request, overwrite: bool = False, tenant: str | None = None,
-                         principal: Principal = Depends(authenticate)) -> JSONResponse:
+async def upload_adapter(request: Request, services: ServicesDep, principal: PrincipalDep, overwrite: bool = False,
+                         tenant: str | None = None) -> JSONResponse:
     """Upload a PEFT adapter (multipart `id`, `config`, `weights`; `shared=true` for admins)."""
     form = await read_upload_form(request)
     namespace = _upload_namespace(principal, tenant, form.shared)
-    store = request.app.state.store
+    store = services.store
     old = store.get(namespace, form.id)
     record, changed = await asyncio.to_thread(store.put, namespace, form.id, form.config, form.weights, overwrite)
     if changed and old is not None:
-        residency = request.app.state.residency
-        await request.app.state.engine.call(lambda: residency.evict(old))
-    [info] = await adapter_infos(request, [record])
+        await services.residency.evict(old)
+    [info] = await adapter_infos(services.residency, [record])
     return JSONResponse(info, status_code=201 if changed else 200)
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
-async def list_adapters(request: Request, tenant: str | None = None,
-                        principal: Principal = Depends(authenticate)) -> dict:
+async def list_adapters(services: ServicesDep, principal: PrincipalDep, tenant: str | None = None) -> dict:
     """Adapters the caller can see: users their own and shared ones, admins all (or one tenant's)."""
-    records = visible_adapters(request.app.state.store, principal, tenant)
-    return {"object": "list", "data": await adapter_infos(request, records)}
+    records = visible_adapters(services.store, principal, tenant)
+    return {"object": "list", "data": await adapter_infos(services.residency, records)}
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo)
-async def get_adapter(adapter_id: str, request: Request, tenant: str | None = None,
-                      principal: Principal = Depends(authenticate)) -> dict:
-    [info] = await adapter_infos(request, [resolve_adapter(request.app.state.store, principal, adapter_id, tenant)])
+async def get_adapter(adapter_id: str, services: ServicesDep, principal: PrincipalDep,
+                      tenant: str | None = None) -> dict:
+    record = resolve_adapter(services.store, principal, adapter_id, tenant)
+    [info] = await adapter_infos(services.residency, [record])
     return info
 
 
 @router.post("/v1/adapters/{adapter_id}/load", response_model=AdapterInfo)
-async def load_adapter(adapter_id: str, request: Request, pin: bool | None = None, tenant: str | None = None,
-                       principal: Principal = Depends(authenticate)) -> dict:
+async def load_adapter(adapter_id: str, services: ServicesDep, principal: PrincipalDep, pin: bool | None = None,
+                       tenant: str | None = None) -> dict:
     """Make resident in a device slot now; `?pin=true` keeps it resident, `?pin=false` unpins."""
-    record = resolve_adapter(request.app.state.store, principal, adapter_id, tenant)
+    record = resolve_adapter(services.store, principal, adapter_id, tenant)
     if pin is not None:
         require_manage(principal, record, "pin or unpin")
-    await make_resident(request, record, pin)
-    [info] = await adapter_infos(request, [record])
+    await services.residency.load(record, pin)
+    [info] = await adapter_infos(services.residency, [record])
     return info
 
 
 @router.delete("/v1/adapters/{adapter_id}", response_model=AdapterEvicted)
-async def evict_adapter(adapter_id: str, request: Request, purge: bool = False, tenant: str | None = None,
-                        principal: Principal = Depends(authenticate)) -> dict:
+async def evict_adapter(adapter_id: str, services: ServicesDep, principal: PrincipalDep, purge: bool = False,
+                        tenant: str | None = None) -> dict:
     """Evict from memory (it stays on disk); `?purge=true` also deletes it from the store."""
-    record = resolve_adapter(request.app.state.store, principal, adapter_id, tenant)
+    record = resolve_adapter(services.store, principal, adapter_id, tenant)
     require_manage(principal, record, "delete" if purge else "evict")
-    await evict(request, record, purge)
+    await evict(services, record, purge)
     return {"id": record.id, "object": "adapter", "namespace": record.namespace, "evicted": True, "purged": purge}
 
 
-def _allowed_path(request: Request, lora_path: str) -> Path:
-    root = request.app.state.settings.vllm_lora_dir
+def _allowed_path(root: Path | None, lora_path: str) -> Path:
     if root is None:
         raise APIError(404, "the vLLM-style adapter routes are off: start the server with --vllm-lora-dir DIR",
                        "not_enabled")
@@ -157,23 +137,23 @@ _PLAIN = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "desc
 
 
 @router.post("/v1/load_lora_adapter", response_model=None, responses=_PLAIN | error_responses(409))
-async def vllm_load_lora_adapter(body: LoadLoraAdapterRequest, request: Request,
-                                 principal: Principal = Depends(authenticate)) -> PlainTextResponse:
+async def vllm_load_lora_adapter(body: LoadLoraAdapterRequest, services: ServicesDep,
+                                 principal: PrincipalDep) -> PlainTextResponse:
     """vLLM alias: store the PEFT directory `lora_path` (under --vllm-lora-dir) as `lora_name` and load it."""
-    path = _allowed_path(request, body.lora_path)
-    config, weights = await asyncio.to_thread(read_adapter_dir, path, request.app.state.validation_limits)
-    store = request.app.state.store
-    record, _ = await asyncio.to_thread(store.put, principal.namespace, body.lora_name, config, weights, False)
-    await make_resident(request, record, None)
+    path = _allowed_path(services.settings.vllm_lora_dir, body.lora_path)
+    config, weights = await asyncio.to_thread(read_adapter_dir, path, services.limits)
+    record, _ = await asyncio.to_thread(services.store.put, principal.namespace, body.lora_name, config, weights,
+                                        False)
+    await services.residency.load(record, None)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
 @router.post("/v1/unload_lora_adapter", response_model=None, responses=_PLAIN)
-async def vllm_unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request,
-                                   principal: Principal = Depends(authenticate)) -> PlainTextResponse:
+async def vllm_unload_lora_adapter(body: UnloadLoraAdapterRequest, services: ServicesDep,
+                                   principal: PrincipalDep) -> PlainTextResponse:
     """vLLM alias: evict `lora_name` and delete it from the store."""
-    _allowed_path(request, ".")
-    record = resolve_adapter(request.app.state.store, principal, body.lora_name)
+    _allowed_path(services.settings.vllm_lora_dir, ".")
+    record = resolve_adapter(services.store, principal, body.lora_name)
     require_manage(principal, record, "delete")
-    await evict(request, record, purge=True)
+    await evict(services, record, purge=True)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from adapters_store.store import AdapterRecord
-from server.api.auth import Principal, authenticate, find_adapter, scope_namespace
+from server.api.auth import PrincipalDep, find_adapter, scope_namespace
+from server.api.deps import ServicesDep
 from server.api.errors import APIError, error_responses
 from server.api.generation import (
     Choice,
@@ -19,32 +20,34 @@ from server.api.generation import (
     legacy_logprobs,
     serve_generation,
 )
+from server.api.keys import Principal
 from server.api.limits import check_sampling_limits
 from server.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
 from server.engine_types import SeqOutput
 from server.sampling import SamplingParams
+from server.services import Services
+from server.settings import Settings
 
 router = APIRouter(tags=["generation"], responses=error_responses(400, 401, 403, 404, 413, 422, 429, 500, 503))
 _SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "JSON, or server-sent events when `stream` is true"}}
 
 
-def resolve_model(request: Request, principal: Principal, name: str, tenant: str | None) -> AdapterRecord | None:
+def resolve_model(services: Services, principal: Principal, name: str, tenant: str | None) -> AdapterRecord | None:
     """None for the base model's served name, else the caller's adapter (own first, then shared); 404 if none."""
     scope_namespace(principal, tenant)  # 403 for a user's ?tenant=
-    if name == request.app.state.served_model_name:
+    if name == services.served_model_name:
         return None
-    record = find_adapter(request.app.state.store, principal, name, tenant)
+    record = find_adapter(services.store, principal, name, tenant)
     if record is None:
         raise APIError(404, f"the model '{name}' does not exist (neither the base model "
-                       f"'{request.app.state.served_model_name}' nor an adapter you can use)", "model_not_found",
+                       f"'{services.served_model_name}' nor an adapter you can use)", "model_not_found",
                        param="model")
     return record
 
 
-def sampling_params(body: CompletionRequest | ChatCompletionRequest, request: Request, max_tokens: int,
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, settings: Settings, max_tokens: int,
                     logprobs: int | None) -> SamplingParams:
-    settings = request.app.state.settings
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) not in (None, 0):
             raise APIError(400, f"{name}={getattr(body, name)} is not supported (only 0)", param=name)
@@ -119,35 +122,35 @@ def chat_shape(want_logprobs: bool) -> ResponseShape:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_SSE)
-async def create_completion(body: CompletionRequest, request: Request, tenant: str | None = None,
-                            principal: Principal = Depends(authenticate)) -> Response:
+async def create_completion(body: CompletionRequest, request: Request, services: ServicesDep,
+                            principal: PrincipalDep, tenant: str | None = None) -> Response:
     """OpenAI completions; `prompt` is text, texts, token ids or lists of token ids."""
     if body.echo:
         raise APIError(400, "echo=true is not supported", param="echo")
-    adapter = resolve_model(request, principal, body.model, tenant)
-    params = sampling_params(body, request, body.max_tokens or 16, body.logprobs)
-    prompts = await asyncio.to_thread(_tokenize_prompts, request.app.state.tokenizer, body.prompt)
+    adapter = resolve_model(services, principal, body.model, tenant)
+    params = sampling_params(body, services.settings, body.max_tokens or 16, body.logprobs)
+    prompts = await asyncio.to_thread(_tokenize_prompts, services.model.tokenizer, body.prompt)
     job = Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await serve_generation(request, job, principal.tenant, body.stream, include_usage,
+    return await serve_generation(request, services, job, principal.tenant, body.stream, include_usage,
                                   completion_shape(job.want_logprobs))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_SSE)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, tenant: str | None = None,
-                                 principal: Principal = Depends(authenticate)) -> Response:
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, services: ServicesDep,
+                                 principal: PrincipalDep, tenant: str | None = None) -> Response:
     """OpenAI chat completions through the base model's chat template."""
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    adapter = resolve_model(request, principal, body.model, tenant)
+    adapter = resolve_model(services, principal, body.model, tenant)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
-    prompt = await asyncio.to_thread(_chat_prompt, request.app.state.tokenizer, messages)
+    prompt = await asyncio.to_thread(_chat_prompt, services.model.tokenizer, messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
-        max_tokens = max(1, request.app.state.engine.max_model_len - len(prompt))
+        max_tokens = max(1, services.engine.max_model_len - len(prompt))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, request, max_tokens, logprobs)
+    params = sampling_params(body, services.settings, max_tokens, logprobs)
     job = Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await serve_generation(request, job, principal.tenant, body.stream, include_usage,
+    return await serve_generation(request, services, job, principal.tenant, body.stream, include_usage,
                                   chat_shape(job.want_logprobs))

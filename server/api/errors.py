@@ -9,9 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store.errors import AdapterError
+from adapters_store.errors import ServingError
 from server.api.schemas import ErrorResponse
-from server.engine_types import EngineOverloaded, EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +74,16 @@ def error_response(status: int, message: str, code: str | None = None, *, param:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def to_api_error(exc: Exception) -> APIError:
-    """Map engine and adapter-store exceptions (and ValueError from validation) to an APIError."""
+# Rejection reasons (metrics) beyond those a status implies; the engine counts a full queue itself.
+_ERROR_REASONS = {"engine_stopped": "engine_stopped"}
+
+
+def to_api_error(exc: ServingError | APIError) -> APIError:
+    """The HTTP answer of a typed engine or store error: its status, code, message and Retry-After."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, EngineOverloaded):
-        retry = str(max(1, round(exc.retry_after)))
-        return APIError(503, str(exc), "server_overloaded", headers={"Retry-After": retry})  # counted by the engine
-    if isinstance(exc, EngineStopped):
-        return APIError(503, str(exc), "engine_stopped", headers={"Retry-After": "5"}, reason="engine_stopped")
-    if isinstance(exc, AdapterError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return APIError(exc.status, exc.message, exc.code, headers=headers)
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc), "invalid_request", reason="invalid_request")
-    raise TypeError(f"not an API error: {exc!r}")
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    return APIError(exc.status, exc.message, exc.code, headers=headers, reason=_ERROR_REASONS.get(exc.code))
 
 
 def _describe(errors: list[dict]) -> tuple[str, str | None]:
@@ -110,10 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
         _count_rejection(request, exc.reason)
         return error_response(exc.status, exc.message, exc.code, param=exc.param, headers=exc.headers)
 
-    @app.exception_handler(AdapterError)
-    @app.exception_handler(EngineOverloaded)
-    @app.exception_handler(EngineStopped)
-    async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
         return await _api_error(request, to_api_error(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -138,6 +130,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _count_rejection(request: Request, reason: str | None) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
-    if reason and metrics is not None:
-        metrics.rejections.labels(reason).inc()
+    services = getattr(request.app.state, "services", None)
+    if reason and services is not None:
+        services.metrics.rejections.labels(reason).inc()

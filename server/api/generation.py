@@ -19,13 +19,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from adapters_store.errors import AdapterError
+from adapters_store.errors import ServingError
 from adapters_store.store import AdapterRecord
 from server.api.errors import APIError, error_body, to_api_error
 from server.api.logging import access_record
 from server.engine import Engine
-from server.engine_types import EngineOverloaded, EngineStopped, GenerationRequest, SeqOutput, TokenLogprob
+from server.engine_types import GenerationRequest, SeqOutput, TokenLogprob
 from server.sampling import SamplingParams
+from server.services import Services
 
 MIN_LOGPROB = -9999.0  # stands for -inf in JSON, as vLLM reports it
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
@@ -71,7 +72,7 @@ class GenerationRun:
         self._tasks: list[asyncio.Task] = []
 
     def validate(self) -> None:
-        """ValueError naming the numbers (context length, vocabulary, ...) before anything is queued."""
+        """InvalidRequest naming the numbers (context length, vocabulary, ...) before anything is queued."""
         for req in self.requests:
             self.engine.validate(req)
 
@@ -132,15 +133,8 @@ def finish_reason(out: SeqOutput) -> str | None:
 
 
 def output_error(out: SeqOutput) -> APIError | None:
-    """The error a sample ended with, if any (engine stopped: 503; anything else: 500)."""
-    if out.finish_reason == "error" or out.error:
-        if out.finish_reason == "cancelled":
-            return APIError(503, f"generation stopped: {out.error}", "engine_stopped",
-                            headers={"Retry-After": "5"})
-        if out.error_status is not None and 400 <= out.error_status < 500:
-            return APIError(out.error_status, out.error or "request failed", "adapter_unavailable")
-        return APIError(500, f"generation failed: {out.error or 'unknown error'}", "generation_error")
-    return None
+    """The error a sample ended with, if any, as the engine or the store typed it."""
+    return None if out.error is None else to_api_error(out.error)
 
 
 Formatter = Callable[[Choice], dict]
@@ -159,16 +153,12 @@ class ResponseShape:
     opening_chunk: Callable[[int], dict] | None = None  # choice index -> first chunk choice (chat's role)
 
 
-async def serve_generation(request: Request, job: Job, tenant: str | None, stream: bool, include_usage: bool,
-                           shape: ResponseShape) -> Response:
+async def serve_generation(request: Request, services: Services, job: Job, tenant: str | None, stream: bool,
+                           include_usage: bool, shape: ResponseShape) -> Response:
     """Validate, take a tenant slot, submit, then stream SSE chunks or return the whole response."""
-    state = request.app.state
-    run = GenerationRun(state.engine, job, tenant)
-    try:
-        run.validate()
-    except ValueError as e:
-        raise to_api_error(e) from None
-    limiter = state.tenant_limiter
+    run = GenerationRun(services.engine, job, tenant)
+    run.validate()
+    limiter = services.tenant_limiter
     limiter.acquire(tenant)
     record = access_record(request)
     if record is not None:
@@ -177,7 +167,7 @@ async def serve_generation(request: Request, job: Job, tenant: str | None, strea
     cleanup = _Cleanup(run, lambda: limiter.release(tenant))
     try:
         await run.submit()
-    except (ValueError, AdapterError, EngineOverloaded, EngineStopped) as e:
+    except ServingError as e:
         cleanup()
         raise to_api_error(e) from None
     except BaseException:

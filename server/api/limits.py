@@ -88,9 +88,9 @@ def _too_large_message(limit: int, seen: str) -> str:
 
 
 async def _reject_too_large(scope: Scope, send: Send, limit: int, seen: str) -> None:
-    metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
-    if metrics is not None:
-        metrics.rejections.labels("body_too_large").inc()
+    services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+    if services is not None:
+        services.metrics.rejections.labels("body_too_large").inc()
     response = error_response(413, _too_large_message(limit, seen), "request_too_large",
                               headers={"Connection": "close"})
     await response(scope, _no_body, send)

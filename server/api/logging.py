@@ -84,11 +84,10 @@ class AccessLogMiddleware:
     def _finish(scope: Scope, record: AccessRecord, status: int) -> None:
         elapsed = time.perf_counter() - record.start
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        app = scope.get("app")
-        metrics = getattr(getattr(app, "state", None), "http_metrics", None)
-        if metrics is not None:
-            metrics.requests.labels(record.method, route, str(status)).inc()
-            metrics.latency.labels(route).observe(elapsed)
+        services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+        if services is not None:
+            services.http_metrics.requests.labels(record.method, route, str(status)).inc()
+            services.http_metrics.latency.labels(route).observe(elapsed)
         line = {k: v for k, v in asdict(record).items() if k != "start" and v is not None and v is not False}
         line.update(event="request", route=route, status=status, e2e_s=round(elapsed, 6))
         if "ttft_s" in line:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 
-from server.api.auth import Principal, authenticate, visible_namespaces
+from server.api.auth import PrincipalDep, visible_namespaces
+from server.api.deps import ServicesDep
 from server.api.errors import error_responses
 from server.api.schemas import ModelList
 
@@ -12,20 +13,20 @@ router = APIRouter(tags=["models"], responses=error_responses(401, 403, 422))
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request, principal: Principal = Depends(authenticate)) -> dict:
+async def list_models(services: ServicesDep, principal: PrincipalDep) -> dict:
     """The base model, then the caller's adapters and the shared ones (an own adapter hides a shared one of
     the same id); adapters carry `parent` = the base model."""
-    state = request.app.state
-    base = state.served_model_name
-    cards = [{"id": base, "object": "model", "created": int(state.started_at), "owned_by": "loramux",
-              "root": state.model_source, "parent": None, "max_model_len": state.engine.max_model_len}]
+    base = services.served_model_name
+    max_len = services.engine.max_model_len
+    cards = [{"id": base, "object": "model", "created": int(services.started_at), "owned_by": "loramux",
+              "root": services.model.source, "parent": None, "max_model_len": max_len}]
     seen = {base}
     for namespace in visible_namespaces(principal, None):
-        for record in state.store.list(namespace):
+        for record in services.store.list(namespace):
             if record.id in seen:
                 continue
             seen.add(record.id)
             cards.append({"id": record.id, "object": "model", "created": int(record.created_at),
                           "owned_by": record.namespace, "root": record.sha256, "parent": base,
-                          "max_model_len": state.engine.max_model_len})
+                          "max_model_len": max_len})
     return {"object": "list", "data": cards}

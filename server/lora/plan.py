@@ -1,17 +1,17 @@
-"""Per-step LoRA batch metadata: which tokens use which adapter slot, planned once per step.
+"""The LoRA plan of one step: which packed tokens use which adapter slot, planned once per step.
 
-The plan is shared by every LoRA layer of the step. Adapters are grouped by rank bucket (the next
-power of two of their rank), so a batch mixing ranks 4 and 64 never pads the rank-4 adapters to 64
-(vLLM and LoRAX pad every adapter to the largest rank). Within a bucket, tokens are best packed
-grouped by slot (the engine sorts its rows by bucket, then slot): each slot's tokens then form one
-contiguous run and the bucket's side paths run as one batched matmul over a view of the slot
-buffers, with no gathering of weights or activations.
+The plan is shared by every LoRA layer of the step (it travels in the step context). Adapters are
+grouped by rank bucket (the next power of two of their rank), so a batch mixing ranks 4 and 64 never
+pads the rank-4 adapters to 64 (vLLM and LoRAX pad every adapter to the largest rank). Within a
+bucket, tokens are best packed grouped by slot (the engine sorts its rows by bucket, then slot): each
+slot's tokens then form one contiguous run and the bucket's side paths run as one batched matmul over
+a view of the slot buffers, with no gathering of weights or activations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import torch
@@ -26,38 +26,15 @@ def rank_bucket(rank: int) -> int:
     return 0 if rank <= 0 else 1 << (rank - 1).bit_length()
 
 
-def _ranges(values: list[int]) -> list[tuple[int, int]]:
+def ranges(values: list[int]) -> list[tuple[int, int]]:
     """Maximal [start, end) ranges of consecutive values (values ascending)."""
-    ranges: list[tuple[int, int]] = []
+    out: list[tuple[int, int]] = []
     for v in values:
-        if ranges and ranges[-1][1] == v:
-            ranges[-1] = (ranges[-1][0], v + 1)
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
         else:
-            ranges.append((v, v + 1))
-    return ranges
-
-
-def place_slot(slot_ranks: list[int], rank: int, free: list[int]) -> int:
-    """The free slot for a new adapter, keeping each rank bucket's slots contiguous where possible.
-
-    Contiguous slots of one bucket are read as a view by one batched matmul; scattered ones must be
-    gathered (copied) every step. A bucket already resident grows into the nearest free slot (the side
-    with more room on a tie); a new bucket starts in the largest free range: at its edge when that touches
-    the end of the table, else in its middle, leaving room to grow both ways.
-    slot_ranks: rank held by each slot (0 when empty); free: the free slots, ascending, not empty.
-    """
-    runs = _ranges(free)
-    room = {slot: end - start for start, end in runs for slot in range(start, end)}
-    bucket = rank_bucket(rank)
-    same = [s for s, r in enumerate(slot_ranks) if r and s not in room and rank_bucket(r) == bucket]
-    if same:
-        return min(free, key=lambda f: (min(abs(f - s) for s in same), -room[f], f))
-    start, end = max(runs, key=lambda run: (run[1] - run[0], -run[0]))
-    if start == 0:
-        return 0
-    if end == len(slot_ranks):
-        return end - 1
-    return (start + end) // 2
+            out.append((v, v + 1))
+    return out
 
 
 @dataclass(frozen=True)
@@ -83,18 +60,15 @@ class LoraPart:
 
 
 @dataclass(frozen=True)
-class LoraBatch:
-    """Side-path plan of one step (N packed tokens): one part per rank bucket, and the merged adapter
-    to subtract from the tokens that are not its own."""
+class LoraPlan:
+    """Side-path plan of one step (N packed tokens): one part per rank bucket, the merged adapter to
+    subtract from the tokens that are not its own, and the projection groups any of them adapts."""
 
     n_tokens: int
     parts: tuple[LoraPart, ...]
     subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
     subtract_rank: int
-
-    @cached_property  # read by every LoRA projection of the step
-    def slots(self) -> set[int]:
-        return {slot for part in self.parts for _, _, slot in part.runs}
+    active: frozenset[int]  # indices of the projection groups with work this step
 
     @property
     def empty(self) -> bool:
@@ -115,12 +89,12 @@ def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]
 
 def _split_by_slot_range(runs: list[tuple[int, int, int]], max_ranges: int) -> list[list[tuple[int, int, int]]]:
     """The bucket's runs split by ranges of consecutive slots, each read as a view of the slot buffers
-    (`place_slot` keeps a bucket in few ranges); one list when they span more than max_ranges."""
-    ranges = _ranges(sorted({slot for _, _, slot in runs}))
-    if len(ranges) == 1 or len(ranges) > max_ranges:
+    (the slot table keeps a bucket in few ranges); one list when they span more than max_ranges."""
+    slot_ranges = ranges(sorted({slot for _, _, slot in runs}))
+    if len(slot_ranges) == 1 or len(slot_ranges) > max_ranges:
         return [runs]
-    range_of = {s: i for i, (start, end) in enumerate(ranges) for s in range(start, end)}
-    split: list[list[tuple[int, int, int]]] = [[] for _ in ranges]
+    range_of = {s: i for i, (start, end) in enumerate(slot_ranges) for s in range(start, end)}
+    split: list[list[tuple[int, int, int]]] = [[] for _ in slot_ranges]
     for run in runs:
         split[range_of[run[2]]].append(run)
     return split
@@ -145,7 +119,7 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
     common = dict(runs=tuple(runs), rank=rank, kind="bmm", groups=groups, group_len=length, slot_lo=slots[0])
     gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
     if (groups == len(slots) and all(len(v) == length for v in per_slot.values())
-            and len(_ranges([t for s in slots for t in per_slot[s]])) == 1):
+            and len(ranges([t for s in slots for t in per_slot[s]])) == 1):
         return LoraPart(bmm_start=per_slot[slots[0]][0], gather_slots=gather, **common)
 
     order = list(range(slots[0], slots[-1] + 1)) if dense else slots
@@ -159,20 +133,22 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
     return LoraPart(gather_slots=gather, tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)
 
 
-def plan_lora_batch(
+def plan_lora(
     token_slots: list[int],
     slot_ranks: list[int],
     *,
+    slot_groups: Sequence[frozenset[int]],
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_pad_ratio: float = 4.0,
     max_slot_ranges: int = 4,
-) -> LoraBatch:
+) -> LoraPlan:
     """Plan the side paths of a step.
 
     token_slots: slot of each packed token (NO_ADAPTER for base-model tokens).
     slot_ranks: rank of the adapter in each slot.
+    slot_groups: per slot, the indices of the projection groups its adapter adapts.
     merged_slot: the adapter folded into the weights, if any: its tokens need no side path, and every
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
     A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
@@ -194,4 +170,6 @@ def plan_lora_batch(
     parts = tuple(_plan_part(runs, slot_ranks, device, dtype, max_pad_ratio)
                   for _, bucket_runs in sorted(buckets.items())
                   for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
-    return LoraBatch(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank)
+    used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
+    return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
+                    active=frozenset().union(*(slot_groups[s] for s in used)))

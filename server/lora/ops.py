@@ -6,7 +6,7 @@ Buffers of one group of M projections over S slots:
 x and the buffers share one dtype; y may have another (a bf16 model with fp32 side paths on CPU):
 the products are then computed in the buffers' dtype and added into y in its own.
 
-Semantics, as a plain loop (the oracle `lora_reference` below is exactly this):
+Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly this):
 
     for t in range(N):
         s = token_slots[t]
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.lora_batch import NO_ADAPTER, LoraBatch, LoraPart
+from server.lora.plan import LoraPart, LoraPlan
 
 
 @dataclass
@@ -80,14 +80,14 @@ def _add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
         y.addmm_(a, b, alpha=alpha)
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, batch: LoraBatch) -> Shrunk:
+def shrink(x: torch.Tensor, A: torch.Tensor, plan: LoraPlan) -> Shrunk:
     """x: [N, d_in] -> the low-rank activations of every part (and of the merged adapter to subtract)."""
     sub = None
-    if batch.subtract is not None:
-        start, end, slot = batch.subtract
-        rs = batch.subtract_rank
+    if plan.subtract is not None:
+        start, end, slot = plan.subtract
+        rs = plan.subtract_rank
         sub = _members_first(x[start:end] @ _slot_a(A, slot, rs).T, A.shape[2])
-    return Shrunk([_shrink_part(x, A, part) for part in batch.parts], sub)
+    return Shrunk([_shrink_part(x, A, part) for part in plan.parts], sub)
 
 
 def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, part: LoraPart) -> None:
@@ -108,29 +108,10 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
         y.index_add_(0, part.tok_idx, delta.view(g * length, -1).to(y.dtype))
 
 
-def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, batch: LoraBatch) -> None:
+def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, plan: LoraPlan) -> None:
     """y: [N, d_out] += this member's side paths (in place). B: [S, r_max, d_out]."""
-    for shrunk, part in zip(s.parts, batch.parts, strict=True):
+    for shrunk, part in zip(s.parts, plan.parts, strict=True):
         _expand_part(y, shrunk, member, B, part)
     if s.subtract is not None:
-        start, end, slot = batch.subtract
-        _add_product(y[start:end], s.subtract[member], B[slot, : batch.subtract_rank], alpha=-1)
-
-
-def lora_reference(
-    x: torch.Tensor,
-    token_slots: list[int],
-    A: torch.Tensor,
-    B: torch.Tensor,
-    member: int,
-    merged_slot: int | None = None,
-) -> torch.Tensor:
-    """The oracle: per-token plain loop in float64. x: [N, d_in] -> delta [N, d_out]."""
-    out = torch.zeros(x.shape[0], B.shape[2], dtype=torch.float64)
-    for t, slot in enumerate(token_slots):
-        xt = x[t].double()
-        if slot != NO_ADAPTER and slot != merged_slot:
-            out[t] += (A[slot, :, member].double() @ xt) @ B[slot].double()
-        if merged_slot is not None and slot != merged_slot:
-            out[t] -= (A[merged_slot, :, member].double() @ xt) @ B[merged_slot].double()
-    return out
+        start, end, slot = plan.subtract
+        _add_product(y[start:end], s.subtract[member], B[slot, : plan.subtract_rank], alpha=-1)

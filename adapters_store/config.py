@@ -1,0 +1,257 @@
+"""PEFT's ``adapter_config.json``: validated, and the module selection and scaling it implies.
+
+Module selection (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``)
+and per-module rank/alpha (``rank_pattern``, ``alpha_pattern``) mirror peft 0.21
+(``check_target_module_exists`` and ``get_pattern_key``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from adapters_store.errors import AdapterValidationError
+
+CONFIG_FILE = "adapter_config.json"
+MAX_PATTERN_CHARS = 512
+# a group containing * + or {n,} and itself followed by * + or {: (a+)+, (.*x)*, (\w+\.){2,}
+_NESTED_QUANTIFIER_RE = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+]|\{\d*,)(?:[^()\\]|\\.)*\)(?:[*+]|\{\d*,)")
+
+# Config fields whose non-default value changes what the weights mean; loramux serves plain LoRA only.
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "a bias on lora_B",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+}
+
+
+@dataclass(frozen=True)
+class ValidationLimits:
+    max_rank: int = 64
+    max_file_bytes: int = 256 * 2**20
+    max_header_bytes: int = 1 * 2**20  # safetensors JSON header cap
+    max_config_bytes: int = 64 * 2**10
+
+
+def invalid(adapter_id: str, message: str, **kwargs: Any) -> AdapterValidationError:
+    return AdapterValidationError(f"adapter '{adapter_id}': {message}", **kwargs)
+
+
+def check_size(adapter_id: str, what: str, size: int, cap: int) -> None:
+    if size > cap:
+        raise invalid(adapter_id, f"{what} is {size} bytes, over the limit of {cap} bytes", status=413,
+                      code="adapter_too_large")
+
+
+Bad = Callable[..., AdapterValidationError]  # message -> the error to raise, naming the adapter and the file
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of a PEFT LoraConfig that decide which modules are adapted and how they are scaled."""
+
+    r: int
+    alpha: float
+    use_rslora: bool
+    target_modules: str | tuple[str, ...]
+    exclude_modules: str | tuple[str, ...] | None
+    layers_to_transform: int | tuple[int, ...] | None
+    layers_pattern: tuple[str, ...] | None
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+
+    @classmethod
+    def parse(cls, adapter_id: str, data: bytes, limits: ValidationLimits) -> AdapterConfig:
+        check_size(adapter_id, CONFIG_FILE, len(data), limits.max_config_bytes)
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise invalid(adapter_id, f"{CONFIG_FILE} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise invalid(adapter_id, f"{CONFIG_FILE} must be a JSON object, got {type(raw).__name__}")
+
+        def bad(msg: str, **kwargs: Any) -> AdapterValidationError:
+            return invalid(adapter_id, f"{CONFIG_FILE}: {msg}", **kwargs)
+
+        _check_kind(bad, raw)
+        r, alpha, use_rslora = _rank_and_alpha(bad, raw, limits)
+        target_modules = _names(bad, "target_modules", raw.get("target_modules"))
+        if target_modules is None:
+            raise bad("target_modules is missing")
+        layers, layers_pattern = _layers(bad, raw)
+        return cls(
+            r=r,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            target_modules=target_modules,
+            exclude_modules=_names(bad, "exclude_modules", raw.get("exclude_modules")),
+            layers_to_transform=layers,
+            layers_pattern=layers_pattern,
+            rank_pattern=_rank_pattern(bad, raw, limits),
+            alpha_pattern=_patterns(bad, "alpha_pattern", raw.get("alpha_pattern"), _is_number),
+        )
+
+    def selects(self, key: str) -> bool:
+        """peft.tuners.tuners_utils.check_target_module_exists for a config without modules_to_save."""
+        ex = self.exclude_modules
+        if ex:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, key):
+                    return False
+            elif key in ex or any(key.endswith(f".{e}") for e in ex):
+                return False
+        targets = self.target_modules
+        if isinstance(targets, str):
+            return re.fullmatch(targets, key) is not None
+        if key in targets:
+            return True
+        if not any(key.endswith(f".{t}") for t in targets):
+            return False
+        layers = self.layers_to_transform
+        if layers is None or layers == ():
+            return True
+        index = self._layer_index(key)
+        if index is None:
+            return False
+        return index == layers if isinstance(layers, int) else index in layers
+
+    def _layer_index(self, key: str) -> int | None:
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = None
+            for pattern in self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        return None if match is None else int(match.group("idx"))
+
+    def rank_for(self, key: str) -> tuple[int, str]:
+        """(r, where it came from) for a module, as peft's get_pattern_key resolves rank_pattern."""
+        pattern = pattern_key(self.rank_pattern, key)
+        if pattern is None:
+            return self.r, "r"
+        return self.rank_pattern[pattern], f"rank_pattern['{pattern}']"
+
+    def scale_for(self, key: str, r: int) -> float:
+        pattern = pattern_key(self.alpha_pattern, key)
+        alpha = self.alpha if pattern is None else self.alpha_pattern[pattern]
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _check_kind(bad: Bad, raw: dict[str, Any]) -> None:
+    """Plain LoRA only: other PEFT types and fields that change what the weights mean are refused."""
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise bad(f"peft_type is {peft_type!r}; only 'LORA' adapters are supported")
+    for field, what in _UNSUPPORTED_FIELDS.items():
+        if raw.get(field) not in (None, False, [], {}):
+            raise bad(f"{field}={raw[field]!r} ({what}) is not supported; only plain LoRA is served")
+    if raw.get("modules_to_save"):
+        raise bad(f"modules_to_save={raw['modules_to_save']!r} is not supported: fully trained modules "
+                  "would replace base weights for every tenant")
+    if raw.get("bias", "none") != "none":
+        raise bad(f"bias={raw['bias']!r} is not supported (only 'none'): trained biases change the base")
+
+
+def _rank_and_alpha(bad: Bad, raw: dict[str, Any], limits: ValidationLimits) -> tuple[int, float, bool]:
+    r = raw.get("r", 8)
+    if not _is_int(r) or r <= 0:
+        raise bad(f"r must be a positive integer, got {r!r}")
+    if r > limits.max_rank:
+        raise bad(f"r={r} is above the server's max rank {limits.max_rank}", status=422)
+    alpha = raw.get("lora_alpha", 8)
+    if not _is_number(alpha):
+        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    use_rslora = raw.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise bad(f"use_rslora must be true or false, got {use_rslora!r}")
+    return r, alpha, use_rslora
+
+
+def _rank_pattern(bad: Bad, raw: dict[str, Any], limits: ValidationLimits) -> dict[str, int]:
+    rank_pattern = _patterns(bad, "rank_pattern", raw.get("rank_pattern"), _is_int)
+    for key, rank in rank_pattern.items():
+        if rank <= 0:
+            raise bad(f"rank_pattern['{key}']={rank} must be positive")
+        if rank > limits.max_rank:
+            raise bad(f"rank_pattern['{key}']={rank} is above the server's max rank {limits.max_rank}", status=422)
+    return rank_pattern
+
+
+def _layers(bad: Bad, raw: dict[str, Any]) -> tuple[int | tuple[int, ...] | None, tuple[str, ...] | None]:
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, list) and all(_is_int(i) for i in layers):
+        layers = tuple(layers)
+    elif layers is not None and not _is_int(layers):
+        raise bad(f"layers_to_transform must be an integer or a list of integers, got {layers!r}")
+    layers_pattern = raw.get("layers_pattern")
+    if isinstance(layers_pattern, str):
+        layers_pattern = (layers_pattern,) if layers_pattern else None
+    elif isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern):
+        layers_pattern = tuple(layers_pattern)
+    elif layers_pattern is not None:
+        raise bad(f"layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
+    for p in layers_pattern or ():
+        _compile(bad, "layers_pattern", p)
+    return layers, layers_pattern
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _compile(bad: Bad, field: str, pattern: str) -> None:
+    """Reject invalid regexes and nested quantifiers (``(a+)+``), whose matching can take exponential time."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise bad(f"{field} entry is {len(pattern)} characters, over the limit of {MAX_PATTERN_CHARS}")
+    if _NESTED_QUANTIFIER_RE.search(pattern):
+        raise bad(f"{field} entry {pattern!r} repeats a group that itself repeats (catastrophic backtracking)")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise bad(f"{field} entry {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _patterns(bad: Bad, field: str, value: Any, check: Callable[[Any], bool]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
+        raise bad(f"{field} must map module patterns to numbers, got {value!r}")
+    for key in value:
+        _compile(bad, field, key)
+    return dict(value)
+
+
+def _names(bad: Bad, field: str, value: Any) -> str | tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        _compile(bad, field, value)
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise bad(f"{field} must be a list of module names or a regex string, got {value!r}")
+
+
+def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """peft.utils.other.get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None

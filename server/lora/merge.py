@@ -1,0 +1,53 @@
+"""Merged hot swap: fold one adapter slot into the base weights, exactly reversibly.
+
+Unmerging by subtraction (dLoRA) drifts: fl(fl(W + D) - D) != W, and in bf16 the error grows with
+every swap. Here the original weight of every projection an adapter touches is kept once (a
+"golden" copy, made the first time that projection is merged), and a swap writes
+`W = golden + D'` in one pass. Restoring is a copy, so weights equal the originals bitwise after any
+number of swaps. A swap is one fused pass per projection, `addmm(golden, B, A, out=W)`. Cost: one extra
+copy of the merged projections' weights, only once something merges.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters_store.format import ModuleShape
+from server.lora.layers import ProjectionGroup
+
+
+class MergedWeights:
+    """The base weights of a runtime's projections, holding golden + the delta of at most one slot."""
+
+    def __init__(self, groups: list[ProjectionGroup], modules: dict[str, nn.Module], shapes: dict[str, ModuleShape]):
+        self._groups = groups
+        self._modules = modules
+        self._shapes = shapes
+        self._golden: dict[str, torch.Tensor] = {}
+        self._touched: set[str] = set()  # projections currently differing from golden
+
+    @torch.no_grad()
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
+        """Make the weights hold `golden + delta(slot)` for the members of `groups` (plain golden for None)."""
+        targets = {} if slot is None else {
+            name: (g, j) for g in self._groups if g.index in groups for j, name in enumerate(g.names)}
+        for name in self._touched - targets.keys():
+            self._modules[name].weight.copy_(self._golden[name])
+        for name, (group, member) in targets.items():
+            w = self._modules[name].weight
+            if name not in self._golden:
+                self._golden[name] = w.detach().clone()
+            self._write_merged(name, group, member, slot, rank, w)
+        self._touched = set(targets)
+
+    def _write_merged(self, name: str, group: ProjectionGroup, member: int, slot: int, rank: int,
+                      w: torch.Tensor) -> None:
+        """w = golden + s·B·A in one fused pass (addmm), sliced to the adapter's rank."""
+        a = group.A[slot, :rank, member].to(w.dtype)  # [r, d_in]
+        bt = group.B[member][slot, :rank].to(w.dtype)  # [r, d_out] (scaled)
+        golden = self._golden[name]
+        if self._shapes[name].fan_in_fan_out:  # Conv1D weight [d_in, d_out]: delta^T = A^T·B^T
+            torch.addmm(golden, a.T, bt, out=w)
+        else:  # weight [d_out, d_in]: delta = B·A
+            torch.addmm(golden, bt.T, a, out=w)

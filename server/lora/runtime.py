@@ -1,0 +1,89 @@
+"""The LoRA runtime of one model: its projections wrapped once, grouped by shared input, with slot buffers.
+
+It is the ``SlotDevice`` behind the slot table: it writes and clears slots, and folds one slot into the
+base weights (exactly reversibly, see ``merge.py``). It holds no bookkeeping of its own: which adapter
+sits in which slot, with which rank, and which slot is merged, is the slot table's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters_store.format import LoraAdapter, ModuleShape
+from server.lora.layers import LoraProjection, ProjectionGroup
+from server.lora.merge import MergedWeights
+from server.lora.packing import shared_input_groups
+from server.step_context import ForwardContext
+
+try:  # GPT-2 style projections (weight stored [d_in, d_out])
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def side_path_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """fp32 on CPU, where bf16/f16 matmuls of LoRA's small shapes cost about twice fp32's (the buffers
+    then take twice the memory); the model's dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
+def projection_shape(module: nn.Module) -> ModuleShape:
+    if isinstance(module, nn.Linear):
+        return ModuleShape(module.in_features, module.out_features)
+    d_in, d_out = module.weight.shape  # Conv1D
+    return ModuleShape(d_in, d_out, fan_in_fan_out=True)
+
+
+def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D of the model except the output head."""
+    head = model.get_output_embeddings()
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, (nn.Linear, Conv1D)) and mod is not head
+    }
+
+
+class LoraRuntime:
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext):
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = side_path_dtype(param.dtype, param.device)  # of the slot buffers and side paths
+        self.n_slots = n_slots
+        self.modules = targetable_modules(model)
+        self.shapes = {name: projection_shape(m) for name, m in self.modules.items()}  # what adapters may target
+        self.groups: list[ProjectionGroup] = []
+        for names in shared_input_groups(model, self.modules):
+            if len({self.shapes[n].d_in for n in names}) > 1:  # cannot happen for one input tensor
+                raise ValueError(f"projections {names} read one input but differ in d_in")
+            group = ProjectionGroup(len(self.groups), names, [self.shapes[n] for n in names], n_slots, max_rank,
+                                    self.device, self.dtype, context)
+            self.groups.append(group)
+            for member, name in enumerate(names):
+                _replace(model, name, LoraProjection(self.modules[name], group, member))
+        self.merged = MergedWeights(self.groups, self.modules, self.shapes)
+
+    @property
+    def buffer_bytes(self) -> int:
+        tensors = [t for g in self.groups for t in (g.A, *g.B)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # SlotDevice of server.lora.slots
+    @torch.no_grad()
+    def write_slot(self, slot: int, adapter: LoraAdapter) -> frozenset[int]:
+        return frozenset(g.index for g in self.groups if g.write(slot, adapter))
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        for group in self.groups:
+            group.clear(slot)
+
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
+        self.merged.fold(slot, rank, groups)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)

@@ -1,0 +1,98 @@
+"""Building the serving stack: model runner, adapter store, host cache, engine and residency, wired once.
+
+``build_core`` is the stack without HTTP (the server, the tests' engine harness and the benchmarks all
+build it this way); ``build_services`` adds what the HTTP routes need, from the settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from adapters_store.format import ValidationLimits, parse_adapter
+from adapters_store.host_cache import HostCache
+from adapters_store.store import AdapterStore
+from server.api.keys import KeyTable
+from server.api.limits import TenantLimiter
+from server.api.logging import HttpMetrics
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.model_loader import LoadedModel, load_base_model
+from server.model_runner import ModelRunner
+from server.residency import Residency
+from server.settings import Settings
+
+
+@dataclass
+class Core:
+    runner: ModelRunner
+    limits: ValidationLimits
+    store: AdapterStore
+    host: HostCache
+    engine: Engine  # not started
+    residency: Residency
+    metrics: Metrics
+
+
+def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: EngineConfig, *, max_loras: int,
+               max_rank: int, max_cpu_loras: int, limits: ValidationLimits | None = None,
+               metrics: Metrics | None = None) -> Core:
+    """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now)."""
+    metrics = metrics or Metrics()
+    limits = limits or ValidationLimits(max_rank=max_rank)
+    runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_seqs=config.max_batch_size,
+                         max_model_len=config.max_model_len, on_slot_load=metrics.load_observer("device"))
+    shapes = runner.lora.shapes
+
+    def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
+        return parse_adapter(adapter_id, config_bytes, weights, shapes, limits)
+
+    store = AdapterStore(adapters_dir, parse)
+    host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
+    engine = Engine(runner, tokenizer, host, config, metrics)
+    metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, lambda: len(store.list()))
+    return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
+
+
+@dataclass
+class Services:
+    """Everything the HTTP routes use, built once in lifespan (``server.api.deps`` hands them out)."""
+
+    settings: Settings
+    model: LoadedModel
+    served_model_name: str
+    limits: ValidationLimits
+    store: AdapterStore
+    engine: Engine
+    residency: Residency
+    metrics: Metrics
+    keys: KeyTable | None
+    tenant_limiter: TenantLimiter
+    http_metrics: HttpMetrics
+    started_at: float
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(mode=settings.mode, max_batch_size=settings.max_batch_size,
+                        max_model_len=settings.max_model_len, max_tokens_per_step=settings.max_tokens_per_step,
+                        max_waiting=settings.max_waiting, merge_share=settings.merge_share,
+                        unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
+                        threads=settings.threads)
+
+
+def build_services(settings: Settings) -> Services:
+    """Blocking start-up work (keys, model, store index): run in a worker thread. The engine is not started."""
+    keys = KeyTable.from_file(settings.api_keys_file) if settings.api_keys_file else None
+    loaded = load_base_model(settings.model, device=settings.device, dtype=settings.dtype,
+                             cache_dir=settings.cache_dir)
+    limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
+    core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
+                      max_loras=settings.max_loras, max_rank=settings.max_rank,
+                      max_cpu_loras=settings.max_cpu_loras, limits=limits)
+    return Services(settings=settings, model=loaded, served_model_name=settings.served_model_name or loaded.name,
+                    limits=limits, store=core.store, engine=core.engine, residency=core.residency,
+                    metrics=core.metrics, keys=keys, tenant_limiter=TenantLimiter(settings.max_concurrent_per_tenant),
+                    http_metrics=HttpMetrics(core.metrics.registry), started_at=time.time())

@@ -1,0 +1,35 @@
+"""`loramux-server` flags and LORAMUX_* variables become one Settings object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.__main__ import parse_settings
+
+
+def test_cli_flags_and_environment(monkeypatch):
+    defaults = parse_settings([])
+    assert (defaults.model, defaults.host, defaults.port, defaults.adapters_dir) == (
+        "default", "127.0.0.1", 8000, Path(".loramux/adapters"))
+    assert (defaults.max_loras, defaults.max_cpu_loras, defaults.max_rank, defaults.api_keys_file) == (16, 64, 64, None)
+    monkeypatch.setenv("LORAMUX_MAX_LORAS", "3")
+    monkeypatch.setenv("LORAMUX_PRELOAD", "x, y")
+    monkeypatch.setenv("LORAMUX_MODE", "merged")
+    s = parse_settings([])
+    assert (s.max_loras, s.preload, s.mode) == (3, ["x", "y"], "merged")
+    s = parse_settings(["--max-loras", "5", "--preload", "a,b", "c", "--api-keys-file", "keys.yaml", "--dtype",
+                        "bfloat16", "--served-model-name", "base", "--seed-adapters", "adapters_store/demo",
+                        "--max-upload-mb", "2"])
+    assert (s.max_loras, s.preload, s.api_keys_file, s.dtype, s.served_model_name) == (
+        5, ["a", "b", "c"], Path("keys.yaml"), "bfloat16", "base")
+    assert s.seed_adapters == Path("adapters_store/demo") and s.max_upload_bytes == 2 * 2**20
+    for bad in (["--mode", "fast"], ["--port", "-1"], ["--max-loras", "many"]):
+        with pytest.raises(SystemExit):
+            parse_settings(bad)
+    monkeypatch.setenv("LORAMUX_CACHE_DIR", "/tmp/loramux-cache")
+    assert parse_settings([]).cache_dir == Path("/tmp/loramux-cache")
+    monkeypatch.delenv("LORAMUX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/xdg")
+    assert parse_settings([]).cache_dir == Path("/tmp/xdg/loramux")
