@@ -3,23 +3,31 @@
 Module selection (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``)
 and per-module rank/alpha (``rank_pattern``, ``alpha_pattern``) mirror peft 0.21
 (``check_target_module_exists`` and ``get_pattern_key``).
+
+Patterns come from uploads, so they run on RE2 (the ``google-re2`` package), whose matching takes time
+linear in the text whatever the pattern: a pattern such as ``(.|.)*x`` that makes Python's backtracking
+``re`` run for minutes on one module name is harmless here. Syntax RE2 does not have (lookaround,
+backreferences) is refused with a 400. At most ``MAX_PATTERNS`` patterns of ``MAX_PATTERN_CHARS`` each.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import re2
 
 from adapters_store.errors import AdapterValidationError
 
 CONFIG_FILE = "adapter_config.json"
 MAX_PATTERN_CHARS = 512
-# a group containing * + or {n,} and itself followed by * + or {: (a+)+, (.*x)*, (\w+\.){2,}
-_NESTED_QUANTIFIER_RE = re.compile(r"\((?:[^()\\]|\\.)*(?:[*+]|\{\d*,)(?:[^()\\]|\\.)*\)(?:[*+]|\{\d*,)")
+MAX_PATTERNS = 256  # per field
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
 
 # Config fields whose non-default value changes what the weights mean; loramux serves plain LoRA only.
 _UNSUPPORTED_FIELDS = {
@@ -42,6 +50,11 @@ class ValidationLimits:
     max_file_bytes: int = 256 * 2**20
     max_header_bytes: int = 1 * 2**20  # safetensors JSON header cap
     max_config_bytes: int = 64 * 2**10
+    # Magnitudes no trained adapter has (the demo adapters: scale 2, largest delta entry 0.04-0.07, against base
+    # weights up to 9): an adapter past them would only make its own rows' values overflow.
+    max_scale: float = 1024.0  # |lora_alpha / r| (or / sqrt(r)) of any module
+    max_delta: float = 16.0  # largest |entry| of scale * B @ A of any module
+    max_seconds: float = 10.0  # wall-clock bound on validating one adapter
 
 
 def invalid(adapter_id: str, message: str, **kwargs: Any) -> AdapterValidationError:
@@ -52,6 +65,16 @@ def check_size(adapter_id: str, what: str, size: int, cap: int) -> None:
     if size > cap:
         raise invalid(adapter_id, f"{what} is {size} bytes, over the limit of {cap} bytes", status=413,
                       code="adapter_too_large")
+
+
+def load_json(adapter_id: str, what: str, data: bytes) -> Any:
+    """json.loads with every failure (deep nesting included) as a 400 naming the file."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise invalid(adapter_id, f"{what} is not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise invalid(adapter_id, f"{what} is not valid JSON: {e}") from None
 
 
 Bad = Callable[..., AdapterValidationError]  # message -> the error to raise, naming the adapter and the file
@@ -74,10 +97,7 @@ class AdapterConfig:
     @classmethod
     def parse(cls, adapter_id: str, data: bytes, limits: ValidationLimits) -> AdapterConfig:
         check_size(adapter_id, CONFIG_FILE, len(data), limits.max_config_bytes)
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise invalid(adapter_id, f"{CONFIG_FILE} is not valid JSON: {e}") from None
+        raw = load_json(adapter_id, CONFIG_FILE, data)
         if not isinstance(raw, dict):
             raise invalid(adapter_id, f"{CONFIG_FILE} must be a JSON object, got {type(raw).__name__}")
 
@@ -107,13 +127,13 @@ class AdapterConfig:
         ex = self.exclude_modules
         if ex:
             if isinstance(ex, str):
-                if re.fullmatch(ex, key):
+                if _regex(ex).fullmatch(key):
                     return False
             elif key in ex or any(key.endswith(f".{e}") for e in ex):
                 return False
         targets = self.target_modules
         if isinstance(targets, str):
-            return re.fullmatch(targets, key) is not None
+            return _regex(targets).fullmatch(key) is not None
         if key in targets:
             return True
         if not any(key.endswith(f".{t}") for t in targets):
@@ -127,15 +147,13 @@ class AdapterConfig:
         return index == layers if isinstance(layers, int) else index in layers
 
     def _layer_index(self, key: str) -> int | None:
-        if not self.layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        else:
-            match = None
-            for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                if match is not None:
-                    break
-        return None if match is None else int(match.group("idx"))
+        patterns = [_layers_regex(p) for p in self.layers_pattern or ()] or [r".*?\.[^.]*\.(\d+)\."]
+        for pattern in patterns:
+            regex = _regex(pattern)
+            match = regex.match(key)
+            if match is not None:
+                return int(match.group(regex.groups))
+        return None
 
     def rank_for(self, key: str) -> tuple[int, str]:
         """(r, where it came from) for a module, as peft's get_pattern_key resolves rank_pattern."""
@@ -216,23 +234,45 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@functools.lru_cache(maxsize=4096)
+def _regex(pattern: str) -> re2._Regexp:
+    """The RE2 program of a pattern (compiled once); raises re2.error for syntax RE2 does not have."""
+    return re2.compile(pattern, options=_RE2_OPTIONS)
+
+
+def _layers_regex(pattern: str) -> str:
+    """The layer index is the last group (the user's pattern may hold groups of its own)."""
+    return rf"(?:^|.*?\.)(?:{pattern})\.(\d+)\."
+
+
+def _key_regex(pattern: str) -> str:
+    return rf"(.*\.)?({pattern})$"
+
+
+_AS_USED = {"layers_pattern": _layers_regex, "rank_pattern": _key_regex, "alpha_pattern": _key_regex}
+
+
 def _compile(bad: Bad, field: str, pattern: str) -> None:
-    """Reject invalid regexes and nested quantifiers (``(a+)+``), whose matching can take exponential time."""
+    """Reject patterns that are too long or not valid RE2 syntax, alone and as they are used."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise bad(f"{field} entry is {len(pattern)} characters, over the limit of {MAX_PATTERN_CHARS}")
-    if _NESTED_QUANTIFIER_RE.search(pattern):
-        raise bad(f"{field} entry {pattern!r} repeats a group that itself repeats (catastrophic backtracking)")
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise bad(f"{field} entry {pattern!r} is not a valid regular expression: {e}") from None
+        _regex(pattern)
+        if field in _AS_USED:
+            _regex(_AS_USED[field](pattern))
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise bad(f"{field} entry {pattern!r} is not a valid regular expression (RE2 syntax, no lookaround or "
+                  f"backreferences): {reason}") from None
 
 
 def _patterns(bad: Bad, field: str, value: Any, check: Callable[[Any], bool]) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
-        raise bad(f"{field} must map module patterns to numbers, got {value!r}")
+        raise bad(f"{field} must map module patterns to numbers, got {_brief(value)}")
+    if len(value) > MAX_PATTERNS:
+        raise bad(f"{field} has {len(value)} patterns, over the limit of {MAX_PATTERNS}")
     for key in value:
         _compile(bad, field, key)
     return dict(value)
@@ -245,13 +285,20 @@ def _names(bad: Bad, field: str, value: Any) -> str | tuple[str, ...] | None:
         _compile(bad, field, value)
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(value) > MAX_PATTERNS:
+            raise bad(f"{field} has {len(value)} names, over the limit of {MAX_PATTERNS}")
         return tuple(value)
-    raise bad(f"{field} must be a list of module names or a regex string, got {value!r}")
+    raise bad(f"{field} must be a list of module names or a regex string, got {_brief(value)}")
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
     """peft.utils.other.get_pattern_key: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if _regex(_key_regex(pattern)).match(key):
             return pattern
     return None

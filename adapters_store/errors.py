@@ -50,6 +50,13 @@ class AdapterConflict(AdapterError):
     code = "adapter_conflict"
 
 
+class StorageQuotaExceeded(AdapterError):
+    """The namespace already stores as many adapters, or bytes, as its quota allows."""
+
+    status = 429
+    code = "storage_quota_exceeded"
+
+
 class AdapterCorrupt(AdapterError):
     """The stored files no longer match their recorded sha256; the adapter was quarantined."""
 

@@ -11,8 +11,8 @@ The config's rules (which modules, which rank and scale) live in ``config.py``.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+import time
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from adapters_store.config import CONFIG_FILE, AdapterConfig, ValidationLimits, check_size, invalid
+from adapters_store.config import CONFIG_FILE, AdapterConfig, ValidationLimits, check_size, invalid, load_json
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -79,9 +79,17 @@ def read_adapter_dir(path: str | Path, limits: ValidationLimits | None = None) -
     """Read ``(adapter_config.json, adapter_model.safetensors)`` bytes of a PEFT directory.
 
     A directory with only pickle weights (``adapter_model.bin``, ``*.pt``, ...) is rejected; pickle is never
-    opened. With ``limits``, oversized files are rejected from their size on disk, before reading.
+    opened. With ``limits``, oversized files are rejected from their size on disk, before reading. A path that
+    cannot be read is a 400 naming the OS's reason.
     """
     root = Path(path)
+    try:
+        return _read_dir(root, limits)
+    except OSError as e:
+        raise invalid(root.name[:64], f"cannot read the adapter directory: {e.strerror or e}") from None
+
+
+def _read_dir(root: Path, limits: ValidationLimits | None) -> tuple[bytes, bytes]:
     name = root.name
     if not root.is_dir():
         raise invalid(name, f"{root} is not a directory")
@@ -114,15 +122,19 @@ def parse_adapter(
     """Validate a PEFT LoRA adapter against the base model's targetable modules and return its weights.
 
     Raises AdapterValidationError (400; 413 for size caps; 422 when it does not fit the base model) whose
-    message names the adapter, the offending key or module and the numbers.
+    message names the adapter, the offending key or module and the numbers. Bounded in time: every pattern
+    runs on RE2 (linear time), and validation stops with a 422 after `limits.max_seconds`.
     """
+    deadline = time.monotonic() + limits.max_seconds
     config = AdapterConfig.parse(adapter_id, config_bytes, limits)
     tensors = _load_safetensors(adapter_id, weights_bytes, limits)
     pairs = _pair_tensors(adapter_id, tensors)
-    weights = {
-        module: _check_module(adapter_id, module, pair, target_shapes, config, limits)
-        for module, pair in sorted(pairs.items())
-    }
+    weights = {}
+    for module, pair in sorted(pairs.items()):
+        if time.monotonic() > deadline:
+            raise invalid(adapter_id, f"validation took longer than {limits.max_seconds:g} s ({len(weights)} of "
+                          f"{len(pairs)} modules checked)", status=422, code="validation_timeout")
+        weights[module] = _check_module(adapter_id, module, pair, target_shapes, config, limits)
     return LoraAdapter(
         id=adapter_id,
         sha256=adapter_sha256(config_bytes, weights_bytes),
@@ -174,10 +186,7 @@ def _load_safetensors(adapter_id: str, data: bytes, limits: ValidationLimits) ->
             f"{WEIGHTS_FILE} is malformed: header length {header_len} "
             f"runs past the end of the {len(data)}-byte file",
         )
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise invalid(adapter_id, f"{WEIGHTS_FILE} is malformed: header is not valid JSON: {e}") from None
+    header = load_json(adapter_id, f"{WEIGHTS_FILE} is malformed: header", data[8 : 8 + header_len])
     if not isinstance(header, dict):
         raise invalid(adapter_id, f"{WEIGHTS_FILE} is malformed: header is not a JSON object")
     for key, info in header.items():
@@ -248,7 +257,26 @@ def _check_module(
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise invalid(adapter_id, f"tensor '{key}' has {bad} NaN/Inf values out of {t.numel()}")
-    return LoraWeights(A=pair.A, B=pair.B, scale=config.scale_for(module, r))
+    scale = config.scale_for(module, r)
+    _check_magnitude(adapter_id, module, pair.A, pair.B, scale, limits)
+    return LoraWeights(A=pair.A, B=pair.B, scale=scale)
+
+
+def _check_magnitude(adapter_id: str, module: str, A: torch.Tensor, B: torch.Tensor, scale: float,
+                     limits: ValidationLimits) -> None:
+    """|scale| and the largest entry of scale·B·A within the limits (400 naming the numbers)."""
+    if not abs(scale) <= limits.max_scale:
+        raise invalid(adapter_id, f"module {module}: its scale (lora_alpha / r, or / sqrt(r) for rsLoRA, with the "
+                      f"alpha and rank patterns) is {scale:.4g}, above the limit of {limits.max_scale:g}")
+    a, b = A.float(), B.float()  # [r, d_in], [d_out, r]
+    bound = abs(scale) * b.norm(dim=1).max().item() * a.norm(dim=0).max().item()  # Cauchy-Schwarz, per entry
+    if bound <= limits.max_delta:
+        return
+    peak = max(abs(scale) * (rows @ a).abs().max().item() for rows in b.split(1024))
+    if peak > limits.max_delta:
+        raise invalid(adapter_id, f"module {module}: the largest entry of scale * B @ A is {peak:.4g}, above the "
+                      f"limit of {limits.max_delta:g} (trained adapters stay far below; such a delta would only "
+                      "overflow this adapter's own outputs)")
 
 
 _INCOMPATIBLE = {"status": 422, "code": "adapter_incompatible"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -33,8 +32,9 @@ from adapters_store.errors import (
     AdapterError,
     AdapterNotFound,
     AdapterValidationError,
+    StorageQuotaExceeded,
 )
-from adapters_store.files import fsync_dir, fsync_dir_quietly, remove_quietly, write_file
+from adapters_store.files import fsync_dir, fsync_dir_quietly, remove_quietly, replace_directory, stage_directory
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, adapter_sha256
 from adapters_store.identity import AdapterIdentity, validate_id, validate_namespace
 
@@ -86,6 +86,14 @@ class QuarantineEntry:
     at: float  # time.time()
 
 
+@dataclass(frozen=True)
+class StoreQuota:
+    """What one namespace may store (None: unbounded)."""
+
+    max_adapters: int | None = None
+    max_bytes: int | None = None
+
+
 class _Corrupt(Exception):
     """An adapter directory that must not be served; the message is the reason."""
 
@@ -130,11 +138,13 @@ class AdapterStore:
         config_bytes: bytes,
         weights_bytes: bytes,
         overwrite: bool = False,
+        quota: StoreQuota | None = None,
     ) -> tuple[AdapterRecord, bool]:
         """Validate, then store atomically. Returns (record, created_or_changed).
 
         Same id and same content: (existing record, False), nothing written. Same id and other content:
-        AdapterConflict unless ``overwrite``. Invalid input raises before anything is written.
+        AdapterConflict unless ``overwrite``. Invalid input, or a namespace over its ``quota`` (the new version
+        replaces an overwritten one in the count), raises before anything is written.
         """
         validate_namespace(namespace)
         validate_id(adapter_id)
@@ -143,6 +153,8 @@ class AdapterStore:
         key = f"{namespace}/{adapter_id}"
         with self._lock:
             existing = self._check_existing(key, sha, overwrite)
+            if existing is None:
+                self._check_quota(namespace, key, len(weights_bytes), quota)
         if existing is not None:
             return existing, False
         adapter = self._parse(adapter_id, config_bytes, weights_bytes)
@@ -154,6 +166,7 @@ class AdapterStore:
                 existing = self._check_existing(key, sha, overwrite)
                 if existing is not None:
                     return existing, False
+                self._check_quota(namespace, key, len(weights_bytes), quota)
                 final = self.root / namespace / adapter_id
                 self._commit(staged, final)
                 record = _record(namespace, adapter_id, adapter, created_at, final)
@@ -224,6 +237,18 @@ class AdapterStore:
             )
         return None
 
+    def _check_quota(self, namespace: str, key: str, size: int, quota: StoreQuota | None) -> None:
+        if quota is None:
+            return
+        others = [r for r in self._index.values() if r.namespace == namespace and r.key != key]
+        if quota.max_adapters is not None and len(others) + 1 > quota.max_adapters:
+            raise StorageQuotaExceeded(f"namespace '{namespace}' already stores {len(others)} adapters, its limit "
+                                       f"is {quota.max_adapters} (--max-adapters-per-tenant)")
+        used = sum(r.size_bytes for r in others)
+        if quota.max_bytes is not None and used + size > quota.max_bytes:
+            raise StorageQuotaExceeded(f"namespace '{namespace}' stores {used} bytes of adapters; {size} more would "
+                                       f"pass its limit of {quota.max_bytes} bytes (--max-adapter-mb-per-tenant)")
+
     def _raise_stale_or_corrupt(self, record: AdapterRecord, problem: str) -> NoReturn:
         with self._lock:
             current = self._index.get(record.key)
@@ -236,62 +261,22 @@ class AdapterStore:
             self._quarantine(record.key, record.path, reason)
         raise AdapterCorrupt(f"adapter '{record.id}' is corrupt on disk ({problem}); it was quarantined")
 
-    def _stage(
-        self,
-        namespace: str,
-        adapter_id: str,
-        config_bytes: bytes,
-        weights_bytes: bytes,
-        adapter: LoraAdapter,
-        created_at: float,
-    ) -> Path:
+    def _stage(self, namespace: str, adapter_id: str, config_bytes: bytes, weights_bytes: bytes,
+               adapter: LoraAdapter, created_at: float) -> Path:
         """Write a complete, fsynced version into root/.tmp/<random> and return its path."""
         meta = {
-            "format": 1,
-            "namespace": namespace,
-            "id": adapter_id,
-            "sha256": adapter.sha256,
-            "created_at": created_at,
-            "rank": adapter.rank,
-            "alpha": adapter.alpha,
-            "target_modules": list(adapter.target_modules),
-            "size_bytes": adapter.size_bytes,
+            "format": 1, "namespace": namespace, "id": adapter_id, "sha256": adapter.sha256,
+            "created_at": created_at, "rank": adapter.rank, "alpha": adapter.alpha,
+            "target_modules": list(adapter.target_modules), "size_bytes": adapter.size_bytes,
         }
-        os.makedirs(self._tmp, exist_ok=True)
-        staged = self._tmp / uuid.uuid4().hex
-        os.mkdir(staged)
-        write_file(staged / CONFIG_FILE, config_bytes)
-        write_file(staged / WEIGHTS_FILE, weights_bytes)
-        write_file(staged / META_FILE, json.dumps(meta, indent=2).encode())
-        fsync_dir(staged)
-        return staged
+        files = {CONFIG_FILE: config_bytes, WEIGHTS_FILE: weights_bytes, META_FILE: json.dumps(meta, indent=2).encode()}
+        return stage_directory(self._tmp, files)
 
     def _commit(self, staged: Path, final: Path) -> None:
-        """Rename ``staged`` to ``final``; an existing ``final`` is renamed aside first and deleted after."""
-        ns_dir = final.parent
-        if not ns_dir.is_dir():
-            os.makedirs(ns_dir, exist_ok=True)
+        if not final.parent.is_dir():
+            os.makedirs(final.parent, exist_ok=True)
             fsync_dir(self.root)
-        aside = None
-        if final.exists():
-            aside = ns_dir / f".{final.name}.old"
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(final, aside)
-            try:
-                os.replace(staged, final)
-            except BaseException:
-                try:
-                    os.replace(aside, final)
-                except OSError:
-                    logger.exception("could not roll back %s; start-up will restore it", final)
-                raise
-        else:
-            os.replace(staged, final)
-        # committed: what follows is cleanup that start-up would redo
-        fsync_dir_quietly(ns_dir)
-        if aside is not None:
-            remove_quietly(aside)
+        replace_directory(staged, final)
 
     def _start_up(self) -> None:
         for d in (self.root, self._tmp, self._quarantine_dir):

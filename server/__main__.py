@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{field.description or ''} (default: {default})".strip()
         if name == "preload":
             parser.add_argument(flag, nargs="+", action="extend", metavar="ID", help=help_text)
+        elif field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif get_origin(field.annotation) is Literal:
             parser.add_argument(flag, choices=get_args(field.annotation), type=str.lower, help=help_text)
         else:
@@ -44,7 +46,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         return Settings(**args)
     except ValidationError as e:
         problems = "; ".join(
-            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" for err in e.errors()
+            f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" if err["loc"]
+            else err["msg"].removeprefix("Value error, ") for err in e.errors()
         )
         parser.error(problems)
 
@@ -69,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,  # keep the logging configured above
         access_log=False,  # server.api.logging writes one structured line per request
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
+        limit_concurrency=settings.max_connections,
     )
     uvicorn.Server(config).run()
 

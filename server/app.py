@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -16,7 +17,8 @@ from adapters_store.format import CONFIG_FILE, ValidationLimits, read_adapter_di
 from adapters_store.store import SHARED, AdapterStore
 from server.api import adapters, completions, health, models
 from server.api.errors import install_error_handlers
-from server.api.limits import BodyLimitMiddleware
+from server.api.keys import KeyTable, create_keys_file
+from server.api.limits import BodyLimitMiddleware, GateMiddleware
 from server.api.logging import AccessLogMiddleware
 from server.services import Services, build_services
 from server.settings import Settings
@@ -68,12 +70,21 @@ def ready_banner(settings: Settings, model_name: str, store: AdapterStore) -> st
             f"-H 'Content-Type: application/json'{auth} -d '{body}'")
 
 
+def load_keys(settings: Settings) -> KeyTable | None:
+    """The API keys (None: open mode), creating the file first when --create-keys-file asks for it."""
+    if settings.api_keys_file is None:
+        return None
+    if settings.create_keys_file and create_keys_file(settings.api_keys_file):
+        log.warning("created the API keys file %s with one admin key (mode 0600): read the key there",
+                    settings.api_keys_file)
+    return KeyTable.from_file(settings.api_keys_file)
+
+
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings
+async def lifespan(app: FastAPI, settings: Settings, keys: KeyTable | None) -> AsyncIterator[None]:
     single_threaded()  # the event loop's thread; only the engine thread runs torch on every core
     asyncio.get_running_loop().set_default_executor(single_threaded_executor("loramux-io"))
-    services = await in_fresh_thread(lambda: build_services(settings), threads=settings.threads)
+    services = await in_fresh_thread(lambda: build_services(settings, keys), threads=settings.threads)
     app.state.services = services
     engine = services.engine
     engine.start()
@@ -106,13 +117,15 @@ def _log_start(services: Services) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The app for these settings; nothing heavy happens until lifespan starts."""
-    app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan,
+    """The app for these settings (the keys file is read now); the model loads when lifespan starts."""
+    keys = load_keys(settings)
+    app = FastAPI(title="loramux", version="0.1.0", lifespan=partial(lifespan, settings=settings, keys=keys),
                   description="Multi-tenant LoRA adapter inference server with an OpenAI-compatible API.")
-    app.state.settings = settings
     install_error_handlers(app)
     for module in (completions, adapters, models, health):
         app.include_router(module.router)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    caps = dict(upload_bytes=settings.max_upload_bytes, body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, read_timeout=settings.read_timeout, **caps)
+    app.add_middleware(GateMiddleware, keys=keys, **caps)  # runs before BodyLimitMiddleware: no body read yet
     app.add_middleware(AccessLogMiddleware)
     return app

@@ -33,6 +33,14 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
 
+    def clear(self, row: int, length: int) -> None:
+        """Zero positions [0, length) of a row being given back. Attention masks a row's later positions, but
+        a masked key still multiplies its value by a softmax weight of 0, and 0 * NaN is NaN: what one sequence
+        left in a row must not reach the next one."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[row, :, :length].zero_()
+            v[row, :, :length].zero_()
+
 
 @dataclass(frozen=True)
 class AttnMeta:

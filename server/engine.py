@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
+
 from adapters_store.errors import ServingError
 from adapters_store.host_cache import HostCache, HostCopy
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
@@ -47,16 +49,17 @@ class EngineConfig:
     merge_share: float = 0.75
     unmerge_share: float = 0.5
     max_turn_s: float = 2.0
+    queue_timeout: float | None = 120.0  # seconds a sequence may wait for admission before a 503
     threads: int | None = None  # CPU intra-op threads of the engine thread (None: every core)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.mode, self.max_batch_size, self.max_waiting, self.merge_share,
-                               self.unmerge_share, self.max_turn_s)
+                               self.unmerge_share, self.max_turn_s, self.queue_timeout)
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, host: HostCache, config: EngineConfig,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, waiting_cap: Callable[[str | None], int | None] | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.host = host
@@ -64,7 +67,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.max_model_len = min(config.max_model_len, runner.max_model_len)
         self.eos_ids = eos_ids(runner.model, tokenizer)
-        self.scheduler = Scheduler(config.scheduler_config(), runner.cache.rows, runner.slots, host, self.metrics)
+        self.scheduler = Scheduler(config.scheduler_config(), runner.cache.rows, runner.slots, host, self.metrics,
+                                   waiting_cap or (lambda tenant: None))
         self.output = OutputProcessor(self.max_model_len)
         self.metrics.watch(lambda: len(self.scheduler.running), lambda: self.scheduler.waiting)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -197,7 +201,11 @@ class Engine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # a failed step fails the requests it ran, never the engine
+                    log.exception("engine step failed; failing its requests")
+                    self._fail_running(GenerationFailed(f"internal error in the engine step: {exc}"))
         except BaseException as exc:  # the engine must never die silently
             self._crashed = exc
             log.exception("engine loop crashed")
@@ -223,6 +231,14 @@ class Engine:
                 if fut is not None:
                     fut.set_result(result)
 
+    def _fail_running(self, error: ServingError) -> None:
+        for seq in list(self.scheduler.running):
+            try:
+                self._end(seq, "error", error)
+            except Exception:  # its resources could not be given back: drop it from the batch all the same
+                log.exception("could not release a failed sequence")
+                self.scheduler.forget(seq)
+
     def _cancel(self, request_id: str) -> None:
         for seq in [s for s in self.scheduler.running if s.req.request_id == request_id]:
             self._end(seq, "cancelled")
@@ -242,23 +258,30 @@ class Engine:
         plan: StepPlan = build_step(running, slots.merged_slot, budget, slots.ranks())
         kind = self._step_kind()
         t0 = time.perf_counter()
-        try:
-            logits = self.runner.forward(plan.step)
-        except Exception as exc:
-            log.exception("forward failed; failing the running batch")
-            failed = GenerationFailed(f"internal error in the forward pass: {exc}")
-            for seq in list(running):
-                self._end(seq, "error", failed)
-            return
+        logits = self.runner.forward(plan.step)
         for seq, n in plan.prefill_counts:
             seq.prefilled += n
             self.metrics.prompt_tokens.labels(seq.label).inc(n)
-        sampled = sample_step(logits, plan.sampled, self.eos_ids, self.tokenizer)
+        logits, seqs = self._finite_rows(logits, plan.sampled)
+        sampled = sample_step(logits, seqs, self.eos_ids, self.tokenizer)
         self.metrics.steps.labels(kind).inc()
         self.metrics.step_seconds.labels(kind).inc(time.perf_counter() - t0)
         now = time.monotonic()
         for seq, token, logprob in sampled:
             self._emit(seq, token, logprob, now)
+
+    def _finite_rows(self, logits, seqs: list[Sequence]):
+        """Fail the sequences whose logits are not finite (their adapter broke them); the others go on."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        if bool(finite.all()):
+            return logits, seqs
+        keep = finite.nonzero().flatten()
+        for seq, ok in zip(seqs, finite.tolist(), strict=True):
+            if not ok:
+                what = "the base model" if seq.adapter is None else f"adapter '{seq.adapter.id}'"
+                self._end(seq, "error", GenerationFailed(f"{what} produced non-finite logits (NaN/Inf)",
+                                                         code="non_finite_logits"))
+        return logits.index_select(0, keep), [seqs[i] for i in keep.tolist()]
 
     def _step_kind(self) -> str:
         keys = {s.adapter for s in self.scheduler.running}
@@ -294,6 +317,8 @@ class Engine:
         self.metrics.requests.labels(seq.label, reason).inc()
         if seq.t_last is not None:
             self.metrics.e2e.labels(seq.label).observe(seq.t_last - seq.req.arrival)
+        if seq.row is not None:
+            self.runner.cache.clear(seq.row, seq.written)
         self.scheduler.release(seq)
 
 

@@ -24,6 +24,14 @@ class EngineOverloaded(EngineError):
     retry_after = 1.0
 
 
+class TenantOverQuota(EngineError):
+    """The request's tenant is over one of its quotas (HTTP 429 with Retry-After)."""
+
+    status = 429
+    code = "tenant_over_quota"
+    retry_after = 1.0
+
+
 class EngineStopped(EngineError):
     """The engine is shutting down or died; no new requests are taken (HTTP 503)."""
 

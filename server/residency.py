@@ -14,6 +14,7 @@ from typing import Literal
 from adapters_store.host_cache import HostCache
 from adapters_store.store import AdapterRecord
 from server.engine import Engine
+from server.errors import TenantOverQuota
 from server.lora.slots import SlotTable
 
 
@@ -40,13 +41,22 @@ class Residency:
         return ResidencyInfo(tier=tier, slot=device.slot, pinned=device.pinned, in_flight=device.in_flight,
                              served=device.served, last_used=device.last_used)
 
-    async def load(self, record: AdapterRecord, pin: bool | None) -> int:
-        """Make resident in a device slot now; `pin` true keeps it there, false unpins, None keeps the pin."""
+    async def load(self, record: AdapterRecord, pin: bool | None, pin_cap: int | None = None) -> int:
+        """Make resident in a device slot now; `pin` true keeps it there, false unpins, None keeps the pin.
+
+        `pin_cap`: the most slots the adapter's namespace may hold pinned (TenantOverQuota beyond it).
+        """
         copy = await asyncio.to_thread(self.host.lease, record)  # the disk read, off the engine thread
         ident = record.identity
 
         def load() -> int:
-            keep = self.slots.info(ident).pinned if pin is None else pin
+            pinned = self.slots.info(ident).pinned
+            if pin and not pinned and pin_cap is not None:
+                held = self.slots.pinned_in(ident.namespace)
+                if held >= pin_cap:
+                    raise TenantOverQuota(f"tenant '{ident.namespace}' already pins {held} device slots (limit "
+                                          f"{pin_cap}, --max-pins-per-tenant); unpin one first")
+            keep = pinned if pin is None else pin
             slot = self.slots.pin(ident, copy.adapter)
             if not keep:
                 self.slots.unpin(ident)

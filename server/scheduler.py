@@ -1,28 +1,34 @@
 """The scheduler: the waiting queue, admission into the running batch, and which adapter is merged.
 
-Each step (engine thread): admit waiting sequences into free KV rows, oldest first, as the router allows,
-each taking a reference on its adapter's device slot (a copy from the host copy its request leased when
-it was accepted; never a disk read); then apply the router's choice of merged adapter, which is always the
-adapter of running sequences (so its slot is resident). A sequence that finds no free slot waits.
-``submit`` and ``cancel_waiting`` may be called from other threads.
+Each step (engine thread): end the sequences that waited longer than the queue timeout; admit waiting
+sequences into free KV rows as the router allows, tenants in turn (each tenant's oldest first, so one
+tenant's burst never holds back another's request), each taking a reference on its adapter's device slot
+(a copy from the host copy its request leased when it was accepted; never a disk read); then apply the
+router's choice of merged adapter, which is always the adapter of running sequences (so its slot is
+resident). A sequence that finds no free slot waits. Each tenant may hold `waiting_cap(tenant)` queued
+sequences. ``submit`` and ``take_waiting`` may be called from other threads.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapters_store.errors import NoFreeSlot, ServingError
 from adapters_store.host_cache import HostCache
 from adapters_store.identity import AdapterIdentity
 from server.engine_types import Mode
-from server.errors import EngineOverloaded, GenerationFailed
+from server.errors import EngineOverloaded, GenerationFailed, TenantOverQuota
 from server.lora.slots import SlotTable
 from server.metrics import Metrics
 from server.router import Router, RouterConfig
 from server.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,11 +39,14 @@ class SchedulerConfig:
     merge_share: float = 0.75
     unmerge_share: float = 0.5
     max_turn_s: float = 2.0
+    queue_timeout: float | None = 120.0  # seconds a sequence may wait for admission (None: forever)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_rows: int, slots: SlotTable, host: HostCache, metrics: Metrics):
+    def __init__(self, config: SchedulerConfig, kv_rows: int, slots: SlotTable, host: HostCache, metrics: Metrics,
+                 waiting_cap: Callable[[str | None], int | None] = lambda tenant: None):
         self.config = config
+        self.waiting_cap = waiting_cap  # tenant -> most sequences it may have queued (None: the queue's size)
         self.slots = slots
         self.host = host
         self.metrics = metrics
@@ -45,7 +54,8 @@ class Scheduler:
                                           max_turn_s=config.max_turn_s))
         self.running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
-        self._lock = threading.Lock()  # guards _waiting against submitters
+        self._queued: Counter[str | None] = Counter()  # waiting sequences per tenant
+        self._lock = threading.Lock()  # guards _waiting and _queued against submitters
         self._free_rows = list(range(min(config.max_batch_size, kv_rows)))
 
     @property
@@ -57,25 +67,35 @@ class Scheduler:
         return not self.running and not self._waiting
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue the samples of one request (all or none); EngineOverloaded when the queue is full."""
+        """Queue the samples of one request (all or none): EngineOverloaded (503) when the queue is full,
+        TenantOverQuota (429) when the request's tenant already holds its share of it."""
+        tenant = seqs[0].req.tenant
+        cap = self.waiting_cap(tenant)
         with self._lock:
             if len(self._waiting) + len(seqs) > self.config.max_waiting:
                 self.metrics.rejections.labels("queue_full").inc()
                 raise EngineOverloaded(
                     f"the waiting queue is full ({len(self._waiting)} of {self.config.max_waiting} sequences)")
+            if cap is not None and self._queued[tenant] + len(seqs) > cap:
+                self.metrics.rejections.labels("tenant_queue").inc()
+                raise TenantOverQuota(f"tenant '{tenant}' has {self._queued[tenant]} sequences queued and asked "
+                                      f"for {len(seqs)} more; its limit is {cap} (--max-waiting-per-tenant)")
             self._waiting.extend(seqs)
+            self._queued[tenant] += len(seqs)
 
     def take_waiting(self, request_id: str | None = None) -> list[Sequence]:
         """Remove and return the waiting sequences of a request (every waiting one for None)."""
         with self._lock:
             taken = [s for s in self._waiting if request_id is None or s.req.request_id == request_id]
             for seq in taken:
-                self._waiting.remove(seq)
+                self._unqueue(seq)
         return taken
 
     def schedule(self) -> list[tuple[Sequence, ServingError]]:
-        """Admit what fits, then merge what the router picks; returns the sequences that failed to admit."""
-        failed = self._admit(time.monotonic())
+        """Expire, admit what fits, then merge what the router picks; returns the sequences that leave the
+        queue with an error (waited too long, or their adapter could not be loaded)."""
+        now = time.monotonic()
+        failed = self._expire(now) + self._admit(now)
         self._apply_router()
         return failed
 
@@ -92,19 +112,37 @@ class Scheduler:
             self.host.release(seq.host)
             seq.host = None
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop a sequence from the batch whatever it holds (its release failed): its row is reusable."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free_rows = sorted({*self._free_rows, seq.row})
+
     def merged_adapter(self) -> AdapterIdentity | None:
         merged = self.slots.merged_slot
         return None if merged is None else self.slots.identity(merged)
 
     # -- internals ---------------------------------------------------------------------------------------------
 
+    def _expire(self, now: float) -> list[tuple[Sequence, ServingError]]:
+        timeout = self.config.queue_timeout
+        if timeout is None:
+            return []
+        with self._lock:
+            old = [s for s in self._waiting if now - s.req.arrival > timeout]
+            for seq in old:
+                self._unqueue(seq)
+        if old:
+            self.metrics.rejections.labels("queue_timeout").inc(len(old))
+        return [(seq, EngineOverloaded(f"the request waited {now - seq.req.arrival:.0f} s without a free KV row or "
+                                       f"adapter slot (limit {timeout:g} s, --queue-timeout)")) for seq in old]
+
     def _admit(self, now: float) -> list[tuple[Sequence, ServingError]]:
         with self._lock:
-            candidates = list(self._waiting)
-        self.router.begin_step((s.adapter for s in self.running), [(s.adapter, s.req.arrival) for s in candidates],
-                               now)
+            waiting = list(self._waiting)
+        self.router.begin_step((s.adapter for s in self.running), [(s.adapter, s.req.arrival) for s in waiting], now)
         failed: list[tuple[Sequence, ServingError]] = []
-        for seq in candidates:
+        for seq in _tenants_in_turn(waiting):
             if not self._free_rows:
                 break
             if not self.router.may_admit(seq.adapter):
@@ -129,7 +167,13 @@ class Scheduler:
 
     def _drop_waiting(self, seq: Sequence) -> None:
         with self._lock:
-            self._waiting.remove(seq)
+            self._unqueue(seq)
+
+    def _unqueue(self, seq: Sequence) -> None:  # lock held
+        self._waiting.remove(seq)
+        self._queued[seq.req.tenant] -= 1
+        if self._queued[seq.req.tenant] <= 0:
+            del self._queued[seq.req.tenant]
 
     def _apply_router(self) -> None:
         current = self.merged_adapter()
@@ -139,7 +183,21 @@ class Scheduler:
         slot = None if target is None else next((s.slot for s in self.running if s.adapter == target), None)
         if target is not None and slot is None:  # merged mode: the turn's sequences are not admitted yet
             return
+        if slot is not None and not self.slots.mergeable(slot):  # served by side paths only
+            if current is None:
+                return
+            slot = None
         t0 = time.perf_counter()
-        self.slots.merge(slot)
+        if not self.slots.merge(slot):
+            log.warning("adapter %s was not merged: its fold came out non-finite; it runs on side paths", target)
         self.metrics.mode_switches.inc()
         self.metrics.swap_seconds.observe(time.perf_counter() - t0)
+
+
+def _tenants_in_turn(waiting: list[Sequence]) -> list[Sequence]:
+    """The waiting sequences, tenants taking turns (each tenant's in arrival order)."""
+    by_tenant: dict[str | None, list[Sequence]] = {}
+    for seq in waiting:
+        by_tenant.setdefault(seq.req.tenant, []).append(seq)
+    queues = list(by_tenant.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]

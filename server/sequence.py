@@ -72,6 +72,11 @@ class Sequence:
         return self.prefilled < self.prompt_len
 
     @property
+    def written(self) -> int:
+        """Positions of its KV row this sequence has written (its last sampled token is not fed back yet)."""
+        return self.prefilled + max(0, len(self.output_ids) - 1)
+
+    @property
     def length(self) -> int:
         """Tokens this sequence holds in the cache once its last output token is fed back."""
         return self.prompt_len + len(self.output_ids)

@@ -16,7 +16,6 @@ from adapters_store.format import ValidationLimits, parse_adapter
 from adapters_store.host_cache import HostCache
 from adapters_store.store import AdapterStore
 from server.api.keys import KeyTable
-from server.api.limits import TenantLimiter
 from server.api.logging import HttpMetrics
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
@@ -24,6 +23,7 @@ from server.model_loader import LoadedModel, load_base_model
 from server.model_runner import ModelRunner
 from server.residency import Residency
 from server.settings import Settings
+from server.tenancy import TenantPolicy, TenantQuota
 
 
 @dataclass
@@ -39,9 +39,10 @@ class Core:
 
 def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: EngineConfig, *, max_loras: int,
                max_rank: int, max_cpu_loras: int, limits: ValidationLimits | None = None,
-               metrics: Metrics | None = None) -> Core:
+               metrics: Metrics | None = None, tenants: TenantPolicy | None = None) -> Core:
     """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now)."""
     metrics = metrics or Metrics()
+    tenants = tenants or TenantPolicy(TenantQuota(), open_mode=True)
     limits = limits or ValidationLimits(max_rank=max_rank)
     runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_seqs=config.max_batch_size,
                          max_model_len=config.max_model_len, on_slot_load=metrics.load_observer("device"))
@@ -52,7 +53,7 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
 
     store = AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
-    engine = Engine(runner, tokenizer, host, config, metrics)
+    engine = Engine(runner, tokenizer, host, config, metrics, waiting_cap=tenants.waiting_cap)
     metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, lambda: len(store.list()))
     return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
 
@@ -70,7 +71,7 @@ class Services:
     residency: Residency
     metrics: Metrics
     keys: KeyTable | None
-    tenant_limiter: TenantLimiter
+    tenants: TenantPolicy
     http_metrics: HttpMetrics
     started_at: float
 
@@ -80,19 +81,30 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_model_len=settings.max_model_len, max_tokens_per_step=settings.max_tokens_per_step,
                         max_waiting=settings.max_waiting, merge_share=settings.merge_share,
                         unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
-                        threads=settings.threads)
+                        queue_timeout=settings.queue_timeout, threads=settings.threads)
 
 
-def build_services(settings: Settings) -> Services:
-    """Blocking start-up work (keys, model, store index): run in a worker thread. The engine is not started."""
-    keys = KeyTable.from_file(settings.api_keys_file) if settings.api_keys_file else None
+def tenant_policy(settings: Settings, keys: KeyTable | None) -> TenantPolicy:
+    """The flags' quotas for every tenant, the keys file's per-tenant changes; no quotas in open mode."""
+    default = TenantQuota(
+        max_concurrent=settings.max_concurrent_per_tenant,
+        max_waiting=settings.max_waiting_per_tenant or max(1, settings.max_waiting // 4),
+        max_pins=settings.max_pins_per_tenant if settings.max_pins_per_tenant is not None
+        else max(1, settings.max_loras // 4),
+        max_adapters=settings.max_adapters_per_tenant, max_adapter_mb=settings.max_adapter_mb_per_tenant)
+    return TenantPolicy(default, keys.quotas if keys else None, open_mode=keys is None)
+
+
+def build_services(settings: Settings, keys: KeyTable | None) -> Services:
+    """Blocking start-up work (model, store index): run in a worker thread. The engine is not started."""
     loaded = load_base_model(settings.model, device=settings.device, dtype=settings.dtype,
                              cache_dir=settings.cache_dir)
     limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
+    tenants = tenant_policy(settings, keys)
     core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
                       max_loras=settings.max_loras, max_rank=settings.max_rank,
-                      max_cpu_loras=settings.max_cpu_loras, limits=limits)
+                      max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants)
     return Services(settings=settings, model=loaded, served_model_name=settings.served_model_name or loaded.name,
                     limits=limits, store=core.store, engine=core.engine, residency=core.residency,
-                    metrics=core.metrics, keys=keys, tenant_limiter=TenantLimiter(settings.max_concurrent_per_tenant),
-                    http_metrics=HttpMetrics(core.metrics.registry), started_at=time.time())
+                    metrics=core.metrics, keys=keys, tenants=tenants, http_metrics=HttpMetrics(core.metrics.registry),
+                    started_at=time.time())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -49,10 +50,24 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads of the engine (default: every core)")
     max_turn_s: float = Field(2.0, gt=0, description="merged: longest wait an adapter's turn may impose")
     max_waiting: int = Field(256, ge=1, description="queued sequences before requests get 503")
-    max_concurrent_per_tenant: int = Field(64, ge=1, description="concurrent generation requests per tenant")
+    queue_timeout: float = Field(120.0, gt=0, description="seconds a request may wait for admission before a 503")
+    max_concurrent_per_tenant: int = Field(
+        64, ge=1, description="generation and upload requests in progress per tenant (with API keys)")
+    max_waiting_per_tenant: int | None = Field(
+        None, ge=1, description="queued sequences per tenant, with API keys (default: a quarter of --max-waiting)")
+    max_pins_per_tenant: int | None = Field(
+        None, ge=0, description="device slots a tenant may pin (default: a quarter of --max-loras)")
+    max_adapters_per_tenant: int = Field(256, ge=0, description="adapters a tenant may store")
+    max_adapter_mb_per_tenant: float = Field(4096, ge=0, description="adapter bytes a tenant may store (MiB)")
     max_upload_mb: float = Field(256, gt=0, description="cap on an upload's body and an adapter's weights")
+    max_body_kb: float = Field(1024, gt=0, description="cap on every other request body (KiB)")
+    read_timeout: float = Field(30.0, gt=0, description="seconds a client may pause while sending a request body")
+    max_connections: int = Field(1024, ge=1, description="open connections before new ones get 503")
     max_n: int = Field(8, ge=1)
     max_stop: int = Field(8, ge=0)
+    allow_open: bool = Field(False, description="listen on a non-loopback --host without --api-keys-file")
+    create_keys_file: bool = Field(
+        False, description="create --api-keys-file with one admin key if it does not exist (mode 0600)")
     vllm_lora_dir: Path | None = Field(
         None, description="allow-listed directory for the vLLM-style load/unload routes (off when unset)"
     )
@@ -73,6 +88,29 @@ class Settings(BaseSettings):
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _no_open_exposure(self) -> Settings:
+        if self.api_keys_file is None and not self.allow_open and not _is_loopback(self.host):
+            raise ValueError(f"--host {self.host} is reachable from other machines, and without --api-keys-file "
+                             "every caller would be an admin: give a keys file (--create-keys-file makes one) or "
+                             "--allow-open")
+        if self.create_keys_file and self.api_keys_file is None:
+            raise ValueError("--create-keys-file needs --api-keys-file PATH")
+        return self
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_kb * 2**10)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

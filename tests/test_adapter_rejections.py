@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 
 import pytest
 import safetensors.torch
@@ -21,6 +23,7 @@ from adapter_format_helpers import (
     saved_tensors,
 )
 
+from adapters_store.config import AdapterConfig
 from adapters_store.errors import AdapterValidationError
 from adapters_store.format import ModuleShape, ValidationLimits
 
@@ -43,8 +46,10 @@ from adapters_store.format import ModuleShape, ValidationLimits
         ({"lora_alpha": "x"}, 400, ["lora_alpha must be a number"]),
         ({"target_modules": None}, 400, ["target_modules is missing"]),
         ({"target_modules": "(q_proj"}, 400, ["target_modules", "not a valid regular expression"]),
-        ({"target_modules": "(.*_)+proj"}, 400, ["target_modules entry '(.*_)+proj'", "catastrophic"]),
-        ({"rank_pattern": {"(q+)*": 8}}, 400, ["rank_pattern entry '(q+)*'", "catastrophic"]),
+        ({"target_modules": "(?=q)q_proj"}, 400, ["target_modules entry '(?=q)q_proj'", "RE2 syntax"]),
+        ({"rank_pattern": {r"(q)\1": 8}}, 400, ["rank_pattern entry", "not a valid regular expression"]),
+        ({"layers_pattern": "(?<=x)layers", "layers_to_transform": [0]}, 400, ["layers_pattern entry", "RE2"]),
+        ({"rank_pattern": {f"p{i}": 8 for i in range(300)}}, 400, ["rank_pattern has 300 patterns", "limit of 256"]),
         ({"alpha_pattern": {"q" * 600: 8}}, 400, ["alpha_pattern entry is 600 characters", "limit of 512"]),
         ({"r": 4}, 400, ["tensor rank 8", "r=4"]),
         ({"rank_pattern": {"v_proj": 6}}, 400, [V0, "tensor rank 8", "rank_pattern['v_proj']=6"]),
@@ -65,6 +70,7 @@ def test_rejects_bad_config(
 
 def test_rejects_malformed_config(basic: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
     reject(b"{not json", basic.weights, llama_shapes, "adapter_config.json is not valid JSON")
+    reject(b"[" * 30_000 + b"]" * 30_000, basic.weights, llama_shapes, "not valid JSON", "nested too deeply")
     reject(b"[1, 2]", basic.weights, llama_shapes, "must be a JSON object, got list")
     reject(b"\xff\xfe", basic.weights, llama_shapes, "not valid JSON")
 
@@ -288,3 +294,30 @@ def test_error_contract() -> None:
     assert (err.message, err.status, err.code, str(err)) == ("boom", 400, "invalid_adapter", "boom")
     err = AdapterValidationError("big", status=413, code="adapter_too_large")
     assert (err.status, err.code) == (413, "adapter_too_large")
+
+
+def test_rejects_magnitudes_no_trained_adapter_has(basic: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
+    """lora_alpha 1e30 (the scale of every module) and one B blown up by 1e6 (its delta) are both refused."""
+    reject(*edit(basic, cfg={"lora_alpha": 1e30}), llama_shapes, "its scale", "1.25e+29", "limit of 1024")
+    reject(*edit(basic, cfg={"alpha_pattern": {"k_proj": 1e9}}), llama_shapes, K0, "its scale", "limit of 1024")
+    tensors = saved_tensors(basic)
+    tensors[lora_key(V0, "B")] = tensors[lora_key(V0, "B")] * 1e6
+    err = reject(*edit(basic, tensors=tensors), llama_shapes, V0, "largest entry of scale * B @ A", "limit of 16")
+    assert "e+" in err.message  # the number itself, not just the limit
+    small = ValidationLimits(max_delta=1e-9)  # the bound is enforced on the exact product, not only its estimate
+    reject(basic.config, basic.weights, llama_shapes, "largest entry of scale * B @ A", limits=small)
+
+
+def test_pathological_patterns_validate_in_linear_time(basic: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
+    """Patterns that make Python's backtracking `re` run for minutes on one module name (nested quantifiers,
+    ambiguous alternation) are plain RE2 programs here: validated at once, with PEFT's selection semantics."""
+    for pattern in [r"(.|.)*(q|k|v|o)_proj", r"(.*)*(q|k|v|o)_proj", r"((\w+\.)+)+(q|k|v|o)_proj"]:
+        start = time.perf_counter()
+        adapter = parse(*edit(basic, cfg={"target_modules": pattern}), llama_shapes)
+        assert time.perf_counter() - start < 2.0
+        assert sorted(adapter.weights) == sorted(parse(basic.config, basic.weights, llama_shapes).weights)
+    config = AdapterConfig.parse("x", json.dumps({"peft_type": "LORA", "target_modules": r"(.|.)*xq_proj"}).encode(),
+                                 ValidationLimits())
+    start = time.perf_counter()  # Python's re would take 2^420 steps on this name
+    assert not config.selects("model." + "layers." * 60 + "q_proj")
+    assert time.perf_counter() - start < 0.5

@@ -128,7 +128,7 @@ def test_client_disconnect_frees_the_slot(server):
         text = c.get("/metrics").text
         assert metric_value(text, "loramux_requests_running") == 0
         assert metric_value(text, "loramux_cancelled_total") >= cancelled_before + 2
-        assert server.services.tenant_limiter.in_progress(None) == 0
+        assert server.services.tenants.in_progress(None) == 0
 
 
 @pytest.fixture(scope="module")

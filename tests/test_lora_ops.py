@@ -79,7 +79,7 @@ def test_planner_picks_the_batched_paths():
     same_rank = [8] * S
     (part,) = plan_lora_batch(CASES["aligned_view"], same_rank).parts
     assert part.kind == "bmm" and part.tok_idx is None
-    assert plan_lora_batch(CASES["padded_view"], same_rank).parts[0].mask is not None
+    assert plan_lora_batch(CASES["padded_view"], same_rank).parts[0].pad_pos is not None
     assert plan_lora_batch(CASES["sparse_gather"], same_rank, max_slot_ranges=1).parts[0].gather_slots is not None
     (part,) = plan_lora_batch([0, 0, 5, 5], same_rank, max_slot_ranges=1).parts  # gathered, contiguous tokens
     assert part.gather_slots is not None and part.tok_idx is None and part.group_len == 2
@@ -142,3 +142,39 @@ def test_random_batches():
         y = torch.zeros(len(slots), D_OUT[0])
         expand(y, shrunk, 0, B[0], plan)
         torch.testing.assert_close(y.double(), lora_reference(x, slots, A, B[0], 0), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("merged", [None, 2])
+@pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
+@pytest.mark.parametrize("max_ranges", [4, 1], ids=["split_by_slot_range", "gathered"])
+def test_a_poisoned_slot_reaches_no_other_token(case, merged, one_bucket, max_ranges):
+    """A slot whose weights are NaN/Inf: every token of another slot (or of none) gets exactly its clean result,
+    in every path the planner picks (views, gathers, padded groups); no masking by multiplying with zero."""
+    slots = list(CASES[case])
+    if merged is not None:
+        slots = [merged] * 2 + [s for s in slots if s != merged]
+    for poisoned in sorted({s for s in slots if s not in (merged, NO_ADAPTER)}):
+        _check_poisoned(slots, poisoned, merged, one_bucket, max_ranges)
+
+
+def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_bucket: bool, max_ranges: int) -> None:
+    A, B, ranks = buffers(0)
+    if one_bucket:
+        ranks = [R] * S
+    clean_A, clean_B = A.clone(), [b.clone() for b in B]
+    A[poisoned, :, 0] = float("nan")
+    for j, b in enumerate(B):
+        b[poisoned, 0] = float("inf") if j % 2 else float("nan")
+    x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
+    shrunk = shrink(x, A, plan)
+    for j in range(M):
+        y = torch.zeros(len(slots), D_OUT[j])
+        expand(y, shrunk, j, B[j], plan)
+        ref = lora_reference(x, slots, clean_A, clean_B[j], j, merged_slot=merged)
+        for t, s in enumerate(slots):
+            if s == poisoned:
+                assert not torch.isfinite(y[t]).all()
+            else:
+                torch.testing.assert_close(y[t].double(), ref[t], atol=1e-4, rtol=1e-5)

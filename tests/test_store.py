@@ -41,8 +41,8 @@ def make_adapter(seed: int = 0, r: int = 4) -> tuple[bytes, bytes]:
     }
     tensors = {}
     for name, shape in SHAPES.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, shape.d_in, generator=gen)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(shape.d_out, r, generator=gen)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, shape.d_in, generator=gen) / shape.d_in**0.5
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(shape.d_out, r, generator=gen) * 0.1
     return json.dumps(config).encode(), safetensors.torch.save(tensors)
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_dir
-from adapters_store.store import SHARED, AdapterRecord
+from adapters_store.store import SHARED, AdapterRecord, StoreQuota
 from server.api.auth import PrincipalDep, require_manage, resolve_adapter, scope_namespace, visible_adapters
 from server.api.deps import ServicesDep
 from server.api.errors import APIError, error_responses
@@ -46,6 +46,19 @@ def adapter_info(residency: Residency, record: AdapterRecord) -> dict:
     ).model_dump()
 
 
+def _store_quota(services: Services, namespace: str) -> StoreQuota | None:
+    """The namespace's storage quota (none for shared adapters, which only admins upload)."""
+    if namespace == SHARED:
+        return None
+    quota = services.tenants.quota(namespace)
+    return StoreQuota(quota.max_adapters, quota.max_adapter_bytes)
+
+
+def _pin_cap(services: Services, principal: Principal, record: AdapterRecord) -> int | None:
+    """Admins pin as they decide; a user's namespace holds at most its quota of pinned slots."""
+    return None if principal.is_admin else services.tenants.quota(record.namespace).max_pins
+
+
 def _upload_namespace(principal: Principal, tenant: str | None, shared: bool) -> str:
     if shared:
         if tenant is not None:
@@ -69,11 +82,13 @@ async def evict(services: Services, record: AdapterRecord, purge: bool) -> None:
 async def upload_adapter(request: Request, services: ServicesDep, principal: PrincipalDep, overwrite: bool = False,
                          tenant: str | None = None) -> JSONResponse:
     """Upload a PEFT adapter (multipart `id`, `config`, `weights`; `shared=true` for admins)."""
-    form = await read_upload_form(request)
-    namespace = _upload_namespace(principal, tenant, form.shared)
-    store = services.store
-    old = store.get(namespace, form.id)
-    record, changed = await asyncio.to_thread(store.put, namespace, form.id, form.config, form.weights, overwrite)
+    with services.tenants.request(principal.tenant):  # an upload counts against the tenant's concurrency
+        form = await read_upload_form(request)
+        namespace = _upload_namespace(principal, tenant, form.shared)
+        store = services.store
+        old = store.get(namespace, form.id)
+        record, changed = await asyncio.to_thread(store.put, namespace, form.id, form.config, form.weights, overwrite,
+                                                  _store_quota(services, namespace))
     if changed and old is not None:
         await services.residency.evict(old)
     [info] = await adapter_infos(services.residency, [record])
@@ -102,7 +117,7 @@ async def load_adapter(adapter_id: str, services: ServicesDep, principal: Princi
     record = resolve_adapter(services.store, principal, adapter_id, tenant)
     if pin is not None:
         require_manage(principal, record, "pin or unpin")
-    await services.residency.load(record, pin)
+    await services.residency.load(record, pin, _pin_cap(services, principal, record))
     [info] = await adapter_infos(services.residency, [record])
     return info
 
@@ -143,7 +158,7 @@ async def vllm_load_lora_adapter(body: LoadLoraAdapterRequest, services: Service
     path = _allowed_path(services.settings.vllm_lora_dir, body.lora_path)
     config, weights = await asyncio.to_thread(read_adapter_dir, path, services.limits)
     record, _ = await asyncio.to_thread(services.store.put, principal.namespace, body.lora_name, config, weights,
-                                        False)
+                                        False, _store_quota(services, principal.namespace))
     await services.residency.load(record, None)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

@@ -13,29 +13,16 @@ from fastapi import Depends, Request
 from adapters_store.errors import AdapterError
 from adapters_store.identity import validate_namespace
 from adapters_store.store import SHARED, AdapterRecord, AdapterStore
-from server.api.deps import ServicesDep
 from server.api.errors import APIError
-from server.api.keys import OPEN, Principal
+from server.api.keys import Principal
 
 
-async def authenticate(request: Request, services: ServicesDep) -> Principal:
-    """FastAPI dependency: the caller's Principal; 401 without a valid bearer key when keys are configured."""
-    keys = services.keys
-    if keys is None:
-        principal = OPEN
-    else:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"}, reason="unauthorized")
-        principal = keys.lookup(token)
-        if principal is None:
-            raise APIError(401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
-                           reason="unauthorized")
-    access = request.scope.get("state", {}).get("access")
-    if access is not None:
-        access.tenant = principal.tenant
+async def authenticate(request: Request) -> Principal:
+    """FastAPI dependency: the caller's Principal, which GateMiddleware authenticated from the headers."""
+    principal = request.scope.get("state", {}).get("principal")
+    if principal is None:  # only /health passes the gate without one
+        raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'", "missing_api_key",
+                       headers={"WWW-Authenticate": "Bearer"}, reason="unauthorized")
     return principal
 
 

@@ -129,11 +129,14 @@ async def create_completion(body: CompletionRequest, request: Request, services:
         raise APIError(400, "echo=true is not supported", param="echo")
     adapter = resolve_model(services, principal, body.model, tenant)
     params = sampling_params(body, services.settings, body.max_tokens or 16, body.logprobs)
-    prompts = await asyncio.to_thread(_tokenize_prompts, services.model.tokenizer, body.prompt)
-    job = Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None)
+
+    async def prepare() -> Job:
+        prompts = await asyncio.to_thread(_tokenize_prompts, services.model.tokenizer, body.prompt)
+        return Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None)
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await serve_generation(request, services, job, principal.tenant, body.stream, include_usage,
-                                  completion_shape(job.want_logprobs))
+    return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,
+                                  lambda job: completion_shape(job.want_logprobs))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_SSE)
@@ -144,13 +147,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     adapter = resolve_model(services, principal, body.model, tenant)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
-    prompt = await asyncio.to_thread(_chat_prompt, services.model.tokenizer, messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, services.engine.max_model_len - len(prompt))
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, services.settings, max_tokens, logprobs)
-    job = Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs)
+
+    async def prepare() -> Job:
+        prompt = await asyncio.to_thread(_chat_prompt, services.model.tokenizer, messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, services.engine.max_model_len - len(prompt))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, services.settings, max_tokens, logprobs)
+        return Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs)
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await serve_generation(request, services, job, principal.tenant, body.stream, include_usage,
-                                  chat_shape(job.want_logprobs))
+    return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,
+                                  lambda job: chat_shape(job.want_logprobs))

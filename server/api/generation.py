@@ -12,7 +12,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -153,18 +153,28 @@ class ResponseShape:
     opening_chunk: Callable[[int], dict] | None = None  # choice index -> first chunk choice (chat's role)
 
 
-async def serve_generation(request: Request, services: Services, job: Job, tenant: str | None, stream: bool,
-                           include_usage: bool, shape: ResponseShape) -> Response:
-    """Validate, take a tenant slot, submit, then stream SSE chunks or return the whole response."""
-    run = GenerationRun(services.engine, job, tenant)
-    run.validate()
-    limiter = services.tenant_limiter
-    limiter.acquire(tenant)
+async def serve_generation(request: Request, services: Services, tenant: str | None,
+                           prepare: Callable[[], Awaitable[Job]], stream: bool, include_usage: bool,
+                           shape_of: Callable[[Job], ResponseShape]) -> Response:
+    """Take one of the tenant's request places (before `prepare` tokenizes: that work counts too), validate,
+    submit, then stream SSE chunks or return the whole response; the place is held until the response ends."""
+    tenants = services.tenants
+    tenants.acquire(tenant)
+    release = _Once(lambda: tenants.release(tenant))
+    try:
+        job = await prepare()
+        run = GenerationRun(services.engine, job, tenant)
+        run.validate()
+        _check_sequences(job, tenants.quota(tenant).max_waiting)
+    except BaseException:
+        release()
+        raise
+    shape = shape_of(job)
     record = access_record(request)
     if record is not None:
         record.adapter = job.adapter.key if job.adapter is not None else None
         record.prompt_tokens = run.prompt_tokens
-    cleanup = _Cleanup(run, lambda: limiter.release(tenant))
+    cleanup = _Cleanup(run, release)
     try:
         await run.submit()
     except ServingError as e:
@@ -189,6 +199,27 @@ async def serve_generation(request: Request, services: Services, job: Job, tenan
     body = {"id": response_id, "object": shape.object, "created": created, "model": job.model,
             "choices": [shape.choice(c) for c in choices], "usage": usage}
     return JSONResponse(body)
+
+
+def _check_sequences(job: Job, cap: int | None) -> None:
+    """One request may not ask for more sequences (n x prompts) than its tenant may queue."""
+    total = job.params.n * len(job.prompts)
+    if cap is not None and total > cap:
+        raise APIError(400, f"the request asks for {total} sequences (n={job.params.n} x {len(job.prompts)} "
+                       f"prompts); a tenant may queue {cap} (--max-waiting-per-tenant)", param="n",
+                       reason="invalid_request")
+
+
+class _Once:
+    """Calls `fn` the first time it is called, never again."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 class _Cleanup:

@@ -1,6 +1,7 @@
 """API keys and the principals they stand for.
 
-The keys file (YAML or JSON) maps keys to tenants: ``keys: {sk-acme-1: {tenant: acme, role: user}}``.
+The keys file (YAML or JSON) maps keys to tenants: ``keys: {sk-acme-1: {tenant: acme, role: user}}``, and may
+set quotas per tenant (``tenants:``, see ``server/tenancy.py``).
 Keys are kept only as sha256 digests, compared with ``hmac.compare_digest`` against every entry (no early
 exit), and never logged. Without a keys file the server runs open: one local user with admin rights whose
 uploads go to the shared namespace.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +22,7 @@ import yaml
 from adapters_store.errors import AdapterError
 from adapters_store.identity import validate_namespace
 from adapters_store.store import SHARED
+from server.tenancy import parse_overrides
 
 Role = Literal["user", "admin"]
 
@@ -42,10 +46,11 @@ OPEN = Principal(tenant=None, role="admin", namespace=SHARED)
 class KeyTable:
     """Digests of the API keys and the principal each one stands for."""
 
-    def __init__(self, keys: dict[str, Principal]):
+    def __init__(self, keys: dict[str, Principal], quotas: dict[str, dict[str, float]] | None = None):
         if not keys:
             raise ValueError("the API keys file defines no keys")
         self._entries = [(_digest(k), p) for k, p in keys.items()]
+        self.quotas = quotas or {}  # tenant -> quota overrides (server/tenancy.py)
 
     @classmethod
     def from_file(cls, path: Path) -> KeyTable:
@@ -74,7 +79,7 @@ class KeyTable:
             if role not in ("user", "admin"):
                 raise ValueError(f"{where}: role must be 'user' or 'admin', got {role!r}")
             keys[key] = Principal(tenant=tenant, role=role, namespace=tenant)
-        return cls(keys)
+        return cls(keys, parse_overrides(data.get("tenants"), f"API keys file {path}"))
 
     def lookup(self, key: str) -> Principal | None:
         presented = _digest(key)
@@ -91,3 +96,16 @@ class KeyTable:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def create_keys_file(path: Path) -> bool:
+    """Write a keys file with one fresh admin key if `path` does not exist (mode 0600); True if written."""
+    path = Path(path)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = f"sk-admin-{secrets.token_urlsafe(24)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"keys": {key: {"tenant": "admin", "role": "admin"}}}, f)
+    return True

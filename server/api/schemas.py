@@ -11,6 +11,22 @@ from server.sampling import MAX_LOGPROBS
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
+# Every list and string a request may carry is bounded here; the body cap (--max-body-kb) bounds their sum.
+MAX_TEXT = 1 << 20  # characters of one prompt or message
+MAX_PROMPTS = 64  # prompts in one completion request
+MAX_PROMPT_IDS = 1 << 17  # token ids in one prompt
+MAX_NAME = 256  # model, user, message name
+MAX_STOP_CHARS = 256
+MAX_STOP_STRINGS = 16  # --max-stop applies below this
+MAX_STOP_IDS = 64
+MAX_MESSAGES = 1024
+MAX_PARTS = 256  # content parts of one message
+
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+
 
 class ErrorDetail(BaseModel):
     message: str
@@ -32,13 +48,13 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="an adapter id, or the base model's served name")
+    model: Name = Field(description="an adapter id, or the base model's served name")
     temperature: float | None = Field(1.0, ge=0, le=1e6)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off")
     seed: Seed | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_IDS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=2**31 - 1)
@@ -46,11 +62,12 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     presence_penalty: float | None = Field(None, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, description="only 0 is supported")
-    user: str | None = None
+    user: Name | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+    prompt: (Text | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]) = Field(
         description="text, a list of texts, a list of token ids, or a list of token-id lists"
     )
     max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
@@ -60,13 +77,13 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -75,7 +92,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the rest of the context")
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
@@ -197,14 +214,14 @@ class AdapterEvicted(BaseModel):
 class LoadLoraAdapterRequest(BaseModel):
     """vLLM's `/v1/load_lora_adapter` body."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: Name
+    lora_path: Annotated[str, Field(max_length=1024)]
 
 
 class UnloadLoraAdapterRequest(BaseModel):
     """vLLM's `/v1/unload_lora_adapter` body."""
 
-    lora_name: str
+    lora_name: Name
     lora_int_id: int | None = None
 
 

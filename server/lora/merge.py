@@ -6,6 +6,9 @@ every swap. Here the original weight of every projection an adapter touches is k
 `W = golden + D'` in one pass. Restoring is a copy, so weights equal the originals bitwise after any
 number of swaps. A swap is one fused pass per projection, `addmm(golden, B, A, out=W)`. Cost: one extra
 copy of the merged projections' weights, only once something merges.
+
+A fold whose weights come out non-finite (an adapter poisoned in memory; uploads are checked for
+magnitudes) is undone and refused: merged weights are read by every row of a batch.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from torch import nn
 
 from adapters_store.format import ModuleShape
 from server.lora.layers import ProjectionGroup
+
+
+class MergeRefused(ValueError):
+    """Folding this slot would make base weights non-finite; the weights are left at their originals."""
 
 
 class MergedWeights:
@@ -40,6 +47,12 @@ class MergedWeights:
                 self._golden[name] = w.detach().clone()
             self._write_merged(name, group, member, slot, rank, w)
         self._touched = set(targets)
+        bad = [name for name in targets if not torch.isfinite(self._modules[name].weight).all()]
+        if bad:
+            for name in self._touched:
+                self._modules[name].weight.copy_(self._golden[name])
+            self._touched = set()
+            raise MergeRefused(f"folding slot {slot} would make {len(bad)} projections non-finite (e.g. {bad[0]})")
 
     def _write_merged(self, name: str, group: ProjectionGroup, member: int, slot: int, rank: int,
                       w: torch.Tensor) -> None:

@@ -62,11 +62,10 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
         a = A[:, :r].index_select(0, part.gather_slots).reshape(g, r * m, -1)  # only the bucket's rank
     if part.tok_idx is None:
         xg = x[part.bmm_start : part.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
-    else:
-        xg = x.index_select(0, part.tok_idx).view(g, length, -1)
+    else:  # the part's tokens in a zeroed buffer: padding rows hold no other row's values
+        xg = x.new_zeros(g * length, x.shape[1]).index_copy_(0, part.pad_pos, x.index_select(0, part.tok_idx))
+        xg = xg.view(g, length, -1)
     xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
-    if part.mask is not None:
-        xa.mul_(part.mask)
     return ShrunkPart([], _members_first(xa, m))
 
 
@@ -103,9 +102,9 @@ def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, p
         b = B[:, :r].index_select(0, part.gather_slots)
     if part.tok_idx is None:  # y rows of the part, in place: [G, L, d_out]
         _add_product(y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1), s.bmm[member], b)
-    else:
-        delta = torch.bmm(s.bmm[member], b)  # [G, L, d_out]
-        y.index_add_(0, part.tok_idx, delta.view(g * length, -1).to(y.dtype))
+    else:  # only the rows that hold the part's tokens are added back, each into its own token
+        delta = torch.bmm(s.bmm[member], b).view(g * length, -1)  # [G*L, d_out]
+        y.index_add_(0, part.tok_idx, delta.index_select(0, part.pad_pos).to(y.dtype))
 
 
 def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, plan: LoraPlan) -> None:

@@ -43,8 +43,10 @@ class LoraPart:
 
     `runs` always describes the work: contiguous token runs [start, end) that add slot `slot`.
     `kind == "bmm"` says the same work can run as one batched matmul over G groups of L rows:
-    group g reads slot `slot_lo + g` (or `gather_slots[g]`), its rows are tokens `tok_idx[g]`
-    (or, when `tok_idx` is None, the contiguous tokens `bmm_start + g*L ... + L`).
+    group g reads slot `slot_lo + g` (or `gather_slots[g]`); its rows are the contiguous tokens
+    `bmm_start + g*L ... + L` when `tok_idx` is None, else a zeroed [G*L] buffer whose positions `pad_pos`
+    hold the tokens `tok_idx` (the other rows stay zero and their results are never written anywhere:
+    no row reads or receives another row's values, whatever a slot's weights hold).
     """
 
     runs: tuple[tuple[int, int, int], ...]  # (start, end, slot), slot >= 0
@@ -55,8 +57,8 @@ class LoraPart:
     slot_lo: int = 0  # groups read slots slot_lo .. slot_lo+G-1 (a view) when gather_slots is None
     gather_slots: torch.Tensor | None = None  # [G] long
     bmm_start: int = 0
-    tok_idx: torch.Tensor | None = None  # [G*L] long; padded entries point at token 0 and are masked
-    mask: torch.Tensor | None = None  # [G, L, 1] model dtype: 1 for real rows, 0 for padding
+    tok_idx: torch.Tensor | None = None  # [n] long: the part's tokens
+    pad_pos: torch.Tensor | None = None  # [n] long: where each of them sits among the G*L rows
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,7 @@ def _split_by_slot_range(runs: list[tuple[int, int, int]], max_ranges: int) -> l
     return split
 
 
-def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, dtype,
-               max_pad_ratio: float) -> LoraPart:
+def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, max_pad_ratio: float) -> LoraPart:
     rank = max(slot_ranks[s] for _, _, s in runs)
     if len(runs) < 2:
         return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
@@ -123,14 +124,14 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
         return LoraPart(bmm_start=per_slot[slots[0]][0], gather_slots=gather, **common)
 
     order = list(range(slots[0], slots[-1] + 1)) if dense else slots
-    idx = torch.zeros(groups, length, dtype=torch.long)
-    mask = torch.zeros(groups, length, 1, dtype=dtype)
+    toks, pos = [], []
     for g, slot in enumerate(order):
-        toks = per_slot.get(slot, [])
-        if toks:
-            idx[g, : len(toks)] = torch.tensor(toks)
-            mask[g, : len(toks)] = 1
-    return LoraPart(gather_slots=gather, tok_idx=idx.view(-1).to(device), mask=mask.to(device), **common)
+        members = per_slot.get(slot, [])
+        toks += members
+        pos += range(g * length, g * length + len(members))
+    as_long = dict(dtype=torch.long, device=device)
+    return LoraPart(gather_slots=gather, tok_idx=torch.tensor(toks, **as_long), pad_pos=torch.tensor(pos, **as_long),
+                    **common)
 
 
 def plan_lora(
@@ -140,7 +141,6 @@ def plan_lora(
     slot_groups: Sequence[frozenset[int]],
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
     max_pad_ratio: float = 4.0,
     max_slot_ranges: int = 4,
 ) -> LoraPlan:
@@ -167,7 +167,7 @@ def plan_lora(
     buckets: dict[int, list[tuple[int, int, int]]] = {}
     for run in _runs(token_slots, merged_slot):
         buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
-    parts = tuple(_plan_part(runs, slot_ranks, device, dtype, max_pad_ratio)
+    parts = tuple(_plan_part(runs, slot_ranks, device, max_pad_ratio)
                   for _, bucket_runs in sorted(buckets.items())
                   for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())

@@ -26,6 +26,7 @@ from typing import Protocol
 from adapters_store.errors import NoFreeSlot
 from adapters_store.format import LoraAdapter
 from adapters_store.identity import AdapterIdentity
+from server.lora.merge import MergeRefused
 from server.lora.plan import ranges, rank_bucket
 
 
@@ -39,7 +40,8 @@ class SlotDevice(Protocol):
         """Zero the slot so that it contributes nothing."""
 
     def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
-        """Make the base weights hold the slot's delta (exactly the originals for None)."""
+        """Make the base weights hold the slot's delta (exactly the originals for None); MergeRefused, with the
+        weights left at the originals, when that would make them non-finite."""
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Slot:
     users: int = 0  # sequences running on it
     pinned: bool = False
     merged: bool = False  # folded into the base weights
+    mergeable: bool = True  # False once a fold was refused (non-finite weights): served by side paths only
     draining: bool = False  # evicted while in use: cleared when idle, never handed out again
 
     @property
@@ -145,24 +148,37 @@ class SlotTable:
             entry.draining = True
             self._clear_if_drained(slot)
 
-    def merge(self, slot: int | None) -> None:
-        """Fold the adapter in `slot` into the base weights (None: restore the originals).
+    def merge(self, slot: int | None) -> bool:
+        """Fold the adapter in `slot` into the base weights (None: restore the originals); False if refused.
 
-        The merged slot counts as in use: it is never reused or cleared while merged.
+        The merged slot counts as in use: it is never reused or cleared while merged. A slot whose fold comes
+        out non-finite is refused (and never tried again); the weights are then the originals.
         """
         with self._lock:
             current = self._merged()
             if slot == current:
-                return
-            if slot is not None and self._slots[slot] is None:
-                raise ValueError(f"merge of slot {slot}, which is empty")
+                return True
             entry = self._slots[slot] if slot is not None else None
-            self._device.fold(slot, entry.rank if entry else 0, entry.groups if entry else frozenset())
+            if slot is not None and entry is None:
+                raise ValueError(f"merge of slot {slot}, which is empty")
+            if entry is not None and not entry.mergeable:
+                return False
+            refused = False
+            try:
+                self._device.fold(slot, entry.rank if entry else 0, entry.groups if entry else frozenset())
+            except MergeRefused:
+                entry.mergeable, refused = False, True
             if current is not None:
                 self._slots[current].merged = False
                 self._clear_if_drained(current)
-            if entry is not None:
+            if entry is not None and not refused:
                 entry.merged = True
+            return not refused
+
+    def mergeable(self, slot: int) -> bool:
+        with self._lock:
+            entry = self._slots[slot]
+            return entry is not None and entry.mergeable
 
     # -- any thread --------------------------------------------------------------------------------------------
 
@@ -189,6 +205,11 @@ class SlotTable:
     def slot_of(self, ident: AdapterIdentity) -> int | None:
         with self._lock:
             return self._live.get(ident)
+
+    def pinned_in(self, namespace: str) -> int:
+        """Slots pinned by adapters of one namespace."""
+        with self._lock:
+            return sum(1 for e in self._slots if e is not None and e.pinned and e.identity.namespace == namespace)
 
     def info(self, ident: AdapterIdentity) -> SlotInfo:
         with self._lock:
