@@ -29,10 +29,6 @@ import asyncio
 import contextlib
 import json
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +40,7 @@ import httpx
 from common import ALL_LINEAR, DTYPES, adapter_files, load_default, make_peft
 from engine import build_engine, run_benchmark, run_engine, warm_up
 from peft import PeftModel
+from server_process import Server, launch_server
 from workloads import (
     POISSON_LOAD,
     RANKS,
@@ -62,11 +59,9 @@ from workloads import (
 from adapters_store.format import CONFIG_FILE, WEIGHTS_FILE
 from server.model_loader import LoadedModel
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("W1", "W5")
 SYSTEMS = ("engine", "http")
 GOAL = 0.9
-READY_TIMEOUT_S = 600.0
 SERVER_FLAGS = {  # bench/engine.py build_engine's limits; no per-tenant cap in the way of 64 concurrent requests
     "mode": "batched", "max-batch-size": 64, "max-loras": 16, "max-cpu-loras": 64, "max-rank": 64,
     "max-model-len": 256, "max-tokens-per-step": 512, "max-waiting": 1024, "max-concurrent-per-tenant": 4096,
@@ -105,63 +100,13 @@ def write_peft_dirs(peft, names: list[str], root: Path) -> Path:
 # the server -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/ready", timeout=2, trust_env=False).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"the server was not ready within {READY_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def engine_counters(self) -> dict[str, float]:
-        """Steps and step seconds so far, summed over execution kinds (from /metrics)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10, trust_env=False).text
-        sums = {"steps": 0.0, "step_s": 0.0}
-        for line in text.splitlines():
-            key = {"loramux_steps_total": "steps", "loramux_step_seconds_total": "step_s"}.get(line.split("{")[0])
-            if key:
-                sums[key] += float(line.rsplit(" ", 1)[1])
-        return sums
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(dtype: str, seed_dir: Path, work: Path, threads: int | None) -> Iterator[Server]:
-    """Starts `python -m server` (not waiting for it: call wait_ready); SIGTERM, then SIGKILL, on exit."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "--model", "default", "--device", "cpu", "--dtype", DTYPES[dtype],
-           "--port", str(port), "--adapters-dir", str(work / "store"), "--seed-adapters", str(seed_dir)]
-    cmd += [x for k, v in SERVER_FLAGS.items() for x in (f"--{k}", str(v))]
-    cmd += ["--threads", str(threads)] if threads else []
-    log_path = work / "server.log"
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield Server(proc, f"http://127.0.0.1:{port}", log_path)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """Starts `python -m server` on the default model (not waiting for it: call wait_ready)."""
+    flags = {"model": "default", "device": "cpu", "dtype": DTYPES[dtype], "adapters-dir": work / "store",
+             "seed-adapters": seed_dir} | SERVER_FLAGS | ({"threads": threads} if threads else {})
+    with launch_server(flags, work / "server.log") as srv:
+        yield srv
 
 
 # the clients ----------------------------------------------------------------------------------------

@@ -26,6 +26,15 @@ TEST_FLAGS = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "max_ba
               "log_level": "warning", "threads": 1}
 
 
+ACME, GLOBEX, OPS = "sk-acme-0123456789", "sk-globex-0123456789", "sk-ops-0123456789"
+KEYS_YAML = f"""
+keys:
+  {ACME}: {{tenant: acme, role: user}}
+  {GLOBEX}: {{tenant: globex, role: user}}
+  {OPS}: {{tenant: ops, role: admin}}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

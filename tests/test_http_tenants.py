@@ -7,15 +7,7 @@ import logging
 
 import httpx
 import pytest
-from http_fixtures import make_settings, thread_server, upload
-
-ACME, GLOBEX, OPS = "sk-acme-0123456789", "sk-globex-0123456789", "sk-ops-0123456789"
-KEYS_YAML = f"""
-keys:
-  {ACME}: {{tenant: acme, role: user}}
-  {GLOBEX}: {{tenant: globex, role: user}}
-  {OPS}: {{tenant: ops, role: admin}}
-"""
+from http_fixtures import ACME, GLOBEX, KEYS_YAML, OPS, make_settings, thread_server, upload
 
 
 @pytest.fixture(scope="module")
