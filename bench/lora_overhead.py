@@ -24,9 +24,15 @@ from adapters_store.format import ValidationLimits, parse_adapter
 from adapters_store.host_cache import HostCache
 from adapters_store.identity import AdapterIdentity
 from adapters_store.store import SHARED, AdapterStore
+from server.kv_blocks import Block
 from server.model_runner import ModelRunner, StepInput
 
 PREFILL, KV = 64, 256
+ORDER = 5  # each row's KV block: 2^5 units of 16 tokens = 512 >= KV + 1
+
+
+def block(row: int) -> Block:
+    return Block(row << ORDER, ORDER)
 
 
 def prefill_step(rows: int, slots: list[int], length: int, ids: torch.Tensor, last_only: bool = True) -> StepInput:
@@ -34,16 +40,16 @@ def prefill_step(rows: int, slots: list[int], length: int, ids: torch.Tensor, la
     for r in range(rows):
         start = len(step.token_ids)
         step.token_ids += ids[r, :length].tolist()
-        step.rows += [r] * length
+        step.blocks += [block(r)] * length
         step.positions += list(range(length))
         step.token_slots += [slots[r]] * length
-        step.prefills.append((start, start + length, r, 0))
+        step.prefills.append((start, start + length, block(r), 0))
         step.logits_idx.append(start + length - 1)
     return step
 
 
 def decode_step(rows: int, slots: list[int], ids: torch.Tensor) -> StepInput:
-    return StepInput(ids[:rows, KV].tolist(), list(range(rows)), [KV] * rows, slots[:rows],
+    return StepInput(ids[:rows, KV].tolist(), [block(r) for r in range(rows)], [KV] * rows, slots[:rows],
                      decode=list(range(rows)), logits_idx=list(range(rows)))
 
 
@@ -108,14 +114,14 @@ def swap_times(runner: ModelRunner, peft, names: list[str], slots: list[int], re
     return t_swap, p_swap
 
 
-def bench_dtype(dtype: str, batches: list[int], reps: int) -> dict:
+def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True) -> dict:
     loaded = load_default(dtype)
     n_adapters = max(batches)
     specs = {f"r16_{i}": dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR) for i in range(n_adapters)}
     peft = make_peft(loaded.model, specs)
     names = list(specs)
-    runner = ModelRunner(loaded.model, max_loras=n_adapters, max_rank=16, max_seqs=n_adapters,
-                         max_model_len=KV + 8)
+    runner = ModelRunner(loaded.model, max_loras=n_adapters, max_rank=16, max_model_len=512,
+                         kv_tokens=n_adapters * 512, prepack=prepack)
     slots, idents = [], []
     for name in names:
         adapter = parsed(peft, name, runner.lora.shapes)
@@ -158,12 +164,14 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
+                    help="base GEMMs through oneDNN over reordered weights, as the server does by default")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     results: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads()}
     for dtype in args.dtypes:
-        results.update(bench_dtype(dtype, args.batches, args.reps))
+        results.update(bench_dtype(dtype, args.batches, args.reps, args.prepack))
     emit(results, args.json_path)
 
 

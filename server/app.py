@@ -104,10 +104,10 @@ async def lifespan(app: FastAPI, settings: Settings, keys: KeyTable | None) -> A
 def _log_start(services: Services) -> None:
     settings, runner = services.settings, services.engine.runner
     cache = runner.cache
-    log.info("serving %s as %r from %s on %s, %s; KV cache %d rows x %d tokens (%.1f MiB); LoRA slots %d "
+    log.info("serving %s as %r from %s on %s, %s; KV cache %d tokens (%.1f MiB), context %d; LoRA slots %d "
              "(%.1f MiB); mode %s; %d adapters", services.model.name, services.served_model_name,
-             services.model.source, runner.device, str(runner.dtype).removeprefix("torch."), cache.rows,
-             cache.max_len, cache.nbytes / 2**20, runner.lora.n_slots, runner.lora.buffer_bytes / 2**20,
+             services.model.source, runner.device, str(runner.dtype).removeprefix("torch."), cache.tokens,
+             cache.nbytes / 2**20, cache.max_len, runner.lora.n_slots, runner.lora.buffer_bytes / 2**20,
              settings.mode, len(services.store.list()))
     if services.keys is None:
         log.warning("running open, without API keys: every caller is the local admin (set --api-keys-file)")

@@ -42,8 +42,9 @@ T = TypeVar("T")
 @dataclass
 class EngineConfig:
     mode: Mode = "auto"
-    max_batch_size: int = 32  # running sequences (one KV row each)
+    max_batch_size: int = 32  # running sequences
     max_model_len: int = 2048
+    kv_cache_tokens: int = 65536  # the KV arena, shared by the running sequences in blocks
     max_tokens_per_step: int = 256  # packed tokens per forward (prefill chunk budget)
     max_waiting: int = 256
     merge_share: float = 0.75
@@ -67,10 +68,12 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.max_model_len = min(config.max_model_len, runner.max_model_len)
         self.eos_ids = eos_ids(runner.model, tokenizer)
-        self.scheduler = Scheduler(config.scheduler_config(), runner.cache.rows, runner.slots, host, self.metrics,
+        self.scheduler = Scheduler(config.scheduler_config(), runner.cache, runner.slots, host, self.metrics,
                                    waiting_cap or (lambda tenant: None))
         self.output = OutputProcessor(self.max_model_len)
-        self.metrics.watch(lambda: len(self.scheduler.running), lambda: self.scheduler.waiting)
+        blocks = runner.cache.blocks
+        self.metrics.watch(lambda: len(self.scheduler.running), lambda: self.scheduler.waiting,
+                           lambda: blocks.used_units * blocks.unit)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,7 +176,8 @@ class Engine:
             running=running, waiting=self.scheduler.waiting, mode=self.scheduler.router.mode,
             merged_adapter=None if merged is None else str(merged), steps=int(self.metrics.total("loramux_steps")),
             swaps=int(self.metrics.total("loramux_mode_switches")), step_seconds=self.metrics.step_seconds_by_kind(),
-            kv_rows_used=running, kv_rows=self.config.max_batch_size,
+            kv_tokens_used=self.runner.cache.blocks.used_units * self.runner.cache.unit,
+            kv_tokens=self.runner.cache.tokens,
         )
 
     # engine thread ------------------------------------------------------------------------------
@@ -259,9 +263,10 @@ class Engine:
         kind = self._step_kind()
         t0 = time.perf_counter()
         logits = self.runner.forward(plan.step)
-        for seq, n in plan.prefill_counts:
-            seq.prefilled += n
-            self.metrics.prompt_tokens.labels(seq.label).inc(n)
+        for seq, n, prefill in plan.fed:
+            seq.fed += n
+            if prefill:
+                self.metrics.prompt_tokens.labels(seq.label).inc(n)
         logits, seqs = self._finite_rows(logits, plan.sampled)
         sampled = sample_step(logits, seqs, self.eos_ids, self.tokenizer)
         self.metrics.steps.labels(kind).inc()
@@ -299,26 +304,25 @@ class Engine:
         self.metrics.tokens.labels(seq.label).inc()
         queued = seq.t_admitted - seq.req.arrival if gap is None else None
         out = self.output.on_token(seq, token, logprob, queued)
-        seq.stream.put(out)
-        if out.finish_reason is not None:
+        if out.finish_reason is not None:  # resources back before the caller learns it is done
             self._finished(seq, out.finish_reason)
+        seq.stream.put(out)
 
     def _end(self, seq: Sequence, reason: FinishReason, error: ServingError | None = None) -> None:
         """End a sequence without a sampled token (cancelled, failed, engine stopped)."""
         if seq.finished is not None:
             return
-        seq.stream.put(self.output.on_end(seq, reason, error))
+        out = self.output.on_end(seq, reason, error)
         if reason == "cancelled":
             self.metrics.cancelled.inc()
         self._finished(seq, reason)
+        seq.stream.put(out)
 
     def _finished(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finished = reason
         self.metrics.requests.labels(seq.label, reason).inc()
         if seq.t_last is not None:
             self.metrics.e2e.labels(seq.label).observe(seq.t_last - seq.req.arrival)
-        if seq.row is not None:
-            self.runner.cache.clear(seq.row, seq.written)
         self.scheduler.release(seq)
 
 

@@ -57,5 +57,5 @@ class EngineStats:
     steps: int
     swaps: int
     step_seconds: dict[str, float]  # execution kind ("batched", "merged", "hybrid") -> seconds spent
-    kv_rows_used: int
-    kv_rows: int
+    kv_tokens_used: int  # tokens of KV arena held by running sequences' blocks
+    kv_tokens: int

@@ -23,7 +23,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         self.requests_running = Gauge("loramux_requests_running", "Sequences in the running batch", registry=r)
         self.requests_waiting = Gauge("loramux_requests_waiting", "Sequences waiting to be scheduled", registry=r)
-        self.kv_rows_used = Gauge("loramux_kv_rows_used", "KV-cache rows held by sequences", registry=r)
+        self.kv_tokens_used = Gauge("loramux_kv_tokens_used", "KV-cache tokens held by sequences' blocks",
+                                    registry=r)
         self.ttft = Histogram("loramux_time_to_first_token_seconds", "Arrival to first token", ["adapter"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between tokens of a sequence",
@@ -47,12 +48,14 @@ class Metrics:
                                     registry=r)
         self.steps = Counter("loramux_steps", "Engine steps by execution kind", ["kind"], registry=r)
         self.cancelled = Counter("loramux_cancelled", "Sequences cancelled (client gone or asked)", registry=r)
+        self.preemptions = Counter("loramux_preemptions", "Sequences that gave their KV block back (recomputed)",
+                                   registry=r)
 
-    def watch(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
-        """The batch gauges read the scheduler's counts at scrape time."""
+    def watch(self, running: Callable[[], int], waiting: Callable[[], int], kv_used: Callable[[], int]) -> None:
+        """The batch gauges read the scheduler's and the KV cache's counts at scrape time."""
         self.requests_running.set_function(running)
-        self.kv_rows_used.set_function(running)
         self.requests_waiting.set_function(waiting)
+        self.kv_tokens_used.set_function(kv_used)
 
     def watch_residency(self, host: Callable[[], HostStats], slots: Callable[[], SlotStats],
                         stored: Callable[[], int]) -> None:

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from server.attention import KVCache, build_attn_meta, register
+from server.attention import build_attn_meta, register
+from server.gemm import PackedLinear, prepack_supported
+from server.kv_blocks import Block
+from server.kv_cache import KVCache
 from server.lora.plan import plan_lora
 from server.lora.runtime import LoraRuntime
 from server.lora.slots import SlotTable
@@ -20,11 +23,11 @@ class StepInput:
     """The packed tokens of one engine step (N tokens from any number of sequences)."""
 
     token_ids: list[int]  # [N]
-    rows: list[int]  # [N] KV-cache row of each token's sequence
+    blocks: list[Block]  # [N] KV block of each token's sequence
     positions: list[int]  # [N]
     token_slots: list[int]  # [N] adapter slot of each token, -1 for the base model
     decode: list[int] = field(default_factory=list)  # packed indices of single decode tokens
-    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (start, end, row, pos0)
+    prefills: list[tuple[int, int, Block, int]] = field(default_factory=list)  # (start, end, block, pos0)
     logits_idx: list[int] = field(default_factory=list)  # packed indices whose next-token logits are needed
 
 
@@ -47,27 +50,28 @@ def context_limit(model: PreTrainedModel) -> int:
 class ModelRunner:
     """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use)."""
 
-    def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_seqs: int,
-                 max_model_len: int, on_slot_load: Callable[[float], None] | None = None):
+    def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_model_len: int,
+                 kv_tokens: int, on_slot_load: Callable[[float], None] | None = None, prepack: bool = False):
         self.model = model
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = ForwardContext()
-        self.lora = LoraRuntime(model, max_loras, max_rank, self.context)  # probes the model: before attention
+        self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack)  # probes the model: before attention
+        self.head_gemm = PackedLinear(self.head) if prepack and prepack_supported(self.head.weight) else self.head
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
         model.set_attn_implementation(register(self.context))
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
-        self.cache = KVCache(layers, max_seqs, kv_heads, self.max_model_len, head_dim, self.dtype, self.device)
+        self.cache = KVCache(layers, kv_tokens, kv_heads, head_dim, self.max_model_len, self.dtype, self.device)
         self.vocab_size = self.head.weight.shape[0]
 
     def step_context(self, step: StepInput) -> StepContext:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
         lora = plan_lora(step.token_slots, self.slots.ranks(), slot_groups=self.slots.groups(),
                          merged_slot=self.slots.merged_slot, device=self.device)
-        attn = build_attn_meta(self.cache, step.rows, step.positions, step.decode, step.prefills, self.device)
+        attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device)
         return StepContext(attn=attn, lora=lora)
 
     @torch.inference_mode()
@@ -78,4 +82,4 @@ class ModelRunner:
             out = self.backbone(input_ids=ids, position_ids=ctx.attn.positions[None], use_cache=False)
             idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
             hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
-        return self.head(hidden).float()
+        return self.head_gemm(hidden).float()

@@ -23,6 +23,7 @@ from adapters_store.host_cache import HostCache
 from adapters_store.identity import AdapterIdentity
 from server.engine_types import Mode
 from server.errors import EngineOverloaded, GenerationFailed, TenantOverQuota
+from server.kv_cache import KVCache
 from server.lora.slots import SlotTable
 from server.metrics import Metrics
 from server.router import Router, RouterConfig
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SchedulerConfig:
     mode: Mode = "auto"
-    max_batch_size: int = 32  # running sequences (one KV row each)
+    max_batch_size: int = 32  # running sequences
     max_waiting: int = 256
     merge_share: float = 0.75
     unmerge_share: float = 0.5
@@ -43,9 +44,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_rows: int, slots: SlotTable, host: HostCache, metrics: Metrics,
+    def __init__(self, config: SchedulerConfig, cache: KVCache, slots: SlotTable, host: HostCache, metrics: Metrics,
                  waiting_cap: Callable[[str | None], int | None] = lambda tenant: None):
         self.config = config
+        self.cache = cache
         self.waiting_cap = waiting_cap  # tenant -> most sequences it may have queued (None: the queue's size)
         self.slots = slots
         self.host = host
@@ -56,7 +58,6 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._queued: Counter[str | None] = Counter()  # waiting sequences per tenant
         self._lock = threading.Lock()  # guards _waiting and _queued against submitters
-        self._free_rows = list(range(min(config.max_batch_size, kv_rows)))
 
     @property
     def waiting(self) -> int:
@@ -95,28 +96,29 @@ class Scheduler:
         """Expire, admit what fits, then merge what the router picks; returns the sequences that leave the
         queue with an error (waited too long, or their adapter could not be loaded)."""
         now = time.monotonic()
+        self._grow()
         failed = self._expire(now) + self._admit(now)
         self._apply_router()
         return failed
 
     def release(self, seq: Sequence) -> None:
-        """Give back what a finished sequence holds: its KV row, its slot reference, its host lease."""
+        """Give back what a finished sequence holds: its KV block (cleared), its slot reference, its host lease."""
         if seq in self.running:
             self.running.remove(seq)
-            self._free_rows.append(seq.row)
-            self._free_rows.sort()
+            self._free_block(seq)
             if seq.slot >= 0:
                 self.slots.release(seq.slot)
-        seq.row = None
         if seq.host is not None:
             self.host.release(seq.host)
             seq.host = None
 
     def forget(self, seq: Sequence) -> None:
-        """Drop a sequence from the batch whatever it holds (its release failed): its row is reusable."""
+        """Drop a sequence from the batch whatever it holds (its release failed): its KV block is reusable."""
         if seq in self.running:
             self.running.remove(seq)
-            self._free_rows = sorted({*self._free_rows, seq.row})
+            if seq.block is not None:
+                self.cache.blocks.free(seq.block)
+                seq.block = None
 
     def merged_adapter(self) -> AdapterIdentity | None:
         merged = self.slots.merged_slot
@@ -143,27 +145,69 @@ class Scheduler:
         self.router.begin_step((s.adapter for s in self.running), [(s.adapter, s.req.arrival) for s in waiting], now)
         failed: list[tuple[Sequence, ServingError]] = []
         for seq in _tenants_in_turn(waiting):
-            if not self._free_rows:
+            if len(self.running) >= self.config.max_batch_size:
                 break
             if not self.router.may_admit(seq.adapter):
                 continue
+            seq.block = self.cache.blocks.alloc(_first_block_tokens(seq, self.cache.max_len))
+            if seq.block is None:
+                continue  # waits for KV space
             if seq.host is not None:
                 try:
                     seq.slot = self.slots.acquire(seq.adapter, seq.host.adapter)
-                except NoFreeSlot:
-                    continue  # waits for a slot
-                except Exception as exc:  # the copy into the slot failed: this request fails, not the engine
+                except Exception as exc:
+                    self.cache.blocks.free(seq.block)
+                    seq.block = None
+                    if isinstance(exc, NoFreeSlot):
+                        continue  # waits for a slot
+                    # the copy into the slot failed: this request fails, not the engine
                     error = exc if isinstance(exc, ServingError) else GenerationFailed(
                         f"could not load adapter '{seq.adapter.id}' into a device slot: {exc}")
                     failed.append((seq, error))
                     self._drop_waiting(seq)
                     continue
             self._drop_waiting(seq)
-            seq.row = self._free_rows.pop(0)
             seq.t_admitted = now
             self.metrics.queue_time.observe(now - seq.req.arrival)
             self.running.append(seq)
         return failed
+
+    def _grow(self) -> None:
+        """A decoding sequence whose block is full moves to one twice the size; where the arena has none, the
+        youngest running sequences give theirs back (preempted, recomputed when re-admitted)."""
+        unit = self.cache.unit
+        for seq in [s for s in self.running if not s.in_prefill and s.fed >= s.block.tokens(unit)]:
+            if seq not in self.running:  # preempted meanwhile
+                continue
+            want = seq.block.tokens(unit) * 2
+            bigger = self.cache.blocks.alloc(want)
+            while bigger is None:
+                youngest = max(self.running, key=lambda s: (s.t_admitted, s.block.start))
+                self._preempt(youngest)
+                if youngest is seq:
+                    break
+                bigger = self.cache.blocks.alloc(want)
+            if bigger is not None:
+                self.cache.move(seq.block, bigger, seq.fed)
+                self._free_block(seq)
+                seq.block = bigger
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free_block(seq)
+        if seq.slot >= 0:
+            self.slots.release(seq.slot)
+        seq.preempted()
+        self.metrics.preemptions.inc()
+        with self._lock:  # first in line again
+            self._waiting.appendleft(seq)
+            self._queued[seq.req.tenant] += 1
+
+    def _free_block(self, seq: Sequence) -> None:
+        if seq.block is not None:
+            self.cache.clear(seq.block, seq.fed)
+            self.cache.blocks.free(seq.block)
+            seq.block = None
 
     def _drop_waiting(self, seq: Sequence) -> None:
         with self._lock:
@@ -201,3 +245,12 @@ def _tenants_in_turn(waiting: list[Sequence]) -> list[Sequence]:
         by_tenant.setdefault(seq.req.tenant, []).append(seq)
     queues = list(by_tenant.values())
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
+FIRST_OUTPUT_TOKENS = 64  # output tokens the first block of a sequence makes room for; it grows after
+
+
+def _first_block_tokens(seq: Sequence, max_len: int) -> int:
+    """What a sequence's first block must hold: what it prefills, and its first outputs (within its bound)."""
+    final = seq.prompt_len + seq.req.params.max_tokens
+    return min(final, seq.prefill_to + FIRST_OUTPUT_TOKENS, max_len)

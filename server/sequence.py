@@ -12,6 +12,7 @@ from adapters_store.host_cache import HostCopy
 from adapters_store.identity import AdapterIdentity
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import FinishReason, GenerationRequest, SeqOutput
+from server.kv_blocks import Block
 
 
 class RequestStream:
@@ -46,9 +47,10 @@ class Sequence:
     stop_ids: frozenset[int]  # token ids that end the sequence (EOS unless ignored, and stop_token_ids)
     host: HostCopy | None = None  # lease on the adapter's host copy, held from acceptance to the end
     output_ids: list[int] = field(default_factory=list)
-    row: int | None = None  # KV-cache row while admitted
+    block: Block | None = None  # KV arena block while admitted
     slot: int = -1  # adapter slot while admitted (-1: base model)
-    prefilled: int = 0  # prompt tokens already written to the cache
+    fed: int = 0  # positions written to its KV block
+    prefill_to: int = 0  # positions to write by prefill before decoding: the prompt, or everything after preemption
     finished: FinishReason | None = None
     t_admitted: float | None = None
     t_first: float | None = None
@@ -67,14 +69,22 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.req.prompt_ids)
 
-    @property
-    def in_prefill(self) -> bool:
-        return self.prefilled < self.prompt_len
+    def __post_init__(self) -> None:
+        self.prefill_to = self.prefill_to or self.prompt_len
 
     @property
-    def written(self) -> int:
-        """Positions of its KV row this sequence has written (its last sampled token is not fed back yet)."""
-        return self.prefilled + max(0, len(self.output_ids) - 1)
+    def in_prefill(self) -> bool:
+        return self.fed < self.prefill_to
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens [start, end) (prompt, then outputs)."""
+        n = self.prompt_len
+        head = list(self.req.prompt_ids[start : min(end, n)])
+        return head + self.output_ids[max(start, n) - n : max(end, n) - n]
+
+    def preempted(self) -> None:
+        """Its KV block was taken back: every token (outputs too) is prefilled again when it is re-admitted."""
+        self.block, self.slot, self.fed, self.prefill_to, self.t_admitted = None, -1, 0, self.length, None
 
     @property
     def length(self) -> int:

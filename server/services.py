@@ -39,13 +39,14 @@ class Core:
 
 def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: EngineConfig, *, max_loras: int,
                max_rank: int, max_cpu_loras: int, limits: ValidationLimits | None = None,
-               metrics: Metrics | None = None, tenants: TenantPolicy | None = None) -> Core:
+               metrics: Metrics | None = None, tenants: TenantPolicy | None = None, prepack: bool = True) -> Core:
     """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now)."""
     metrics = metrics or Metrics()
     tenants = tenants or TenantPolicy(TenantQuota(), open_mode=True)
     limits = limits or ValidationLimits(max_rank=max_rank)
-    runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_seqs=config.max_batch_size,
-                         max_model_len=config.max_model_len, on_slot_load=metrics.load_observer("device"))
+    runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_model_len=config.max_model_len,
+                         kv_tokens=config.kv_cache_tokens, on_slot_load=metrics.load_observer("device"),
+                         prepack=prepack)
     shapes = runner.lora.shapes
 
     def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
@@ -78,7 +79,8 @@ class Services:
 
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(mode=settings.mode, max_batch_size=settings.max_batch_size,
-                        max_model_len=settings.max_model_len, max_tokens_per_step=settings.max_tokens_per_step,
+                        max_model_len=settings.max_model_len, kv_cache_tokens=settings.kv_cache_tokens,
+                        max_tokens_per_step=settings.max_tokens_per_step,
                         max_waiting=settings.max_waiting, merge_share=settings.merge_share,
                         unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
                         queue_timeout=settings.queue_timeout, threads=settings.threads)
@@ -103,7 +105,7 @@ def build_services(settings: Settings, keys: KeyTable | None) -> Services:
     tenants = tenant_policy(settings, keys)
     core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
                       max_loras=settings.max_loras, max_rank=settings.max_rank,
-                      max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants)
+                      max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants, prepack=settings.prepack)
     return Services(settings=settings, model=loaded, served_model_name=settings.served_model_name or loaded.name,
                     limits=limits, store=core.store, engine=core.engine, residency=core.residency,
                     metrics=core.metrics, keys=keys, tenants=tenants, http_metrics=HttpMetrics(core.metrics.registry),

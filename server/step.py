@@ -18,51 +18,52 @@ from server.sequence import Sequence
 class StepPlan:
     step: StepInput
     sampled: list[Sequence] = field(default_factory=list)  # sequences with a logits row, in row order
-    prefill_counts: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt tokens fed this step
+    fed: list[tuple[Sequence, int, bool]] = field(default_factory=list)  # (sequence, positions written, prefill?)
 
 
 def build_step(running: list[Sequence], merged_slot: int | None, budget: int, slot_ranks: list[int]) -> StepPlan:
     """One decode token per decoding sequence, then prefill chunks (oldest first) up to `budget` tokens.
 
     Tokens are packed rows of the merged adapter first, then by rank bucket and adapter slot: the LoRA
-    planner then runs each bucket's slots as contiguous runs (see server/lora_batch.py).
+    planner then runs each bucket's slots as contiguous runs (see server/lora/plan.py). A prefill chunk
+    that ends a sequence's prefill gets a logits row (the next token); a decode token always does.
     """
     decodes = [s for s in running if not s.in_prefill]
     budget -= len(decodes)
     chunks: dict[int, int] = {}
-    for seq in sorted((s for s in running if s.in_prefill), key=lambda s: (s.t_admitted, s.row)):
-        n = min(seq.prompt_len - seq.prefilled, budget)
+    for seq in sorted((s for s in running if s.in_prefill), key=lambda s: (s.t_admitted, s.block.start)):
+        n = min(seq.prefill_to - seq.fed, budget)
         if n <= 0:
             break
         chunks[id(seq)] = n
         budget -= n
     entries = decodes + [s for s in running if id(s) in chunks]
     entries.sort(key=lambda s: (merged_slot is None or s.slot != merged_slot,
-                                rank_bucket(slot_ranks[s.slot]) if s.slot >= 0 else 0, s.slot, s.row))
-
-    step = StepInput([], [], [], [])
-    plan = StepPlan(step)
+                                rank_bucket(slot_ranks[s.slot]) if s.slot >= 0 else 0, s.slot, s.block.start))
+    plan = StepPlan(StepInput([], [], [], []))
     for seq in entries:
-        start = len(step.token_ids)
-        if id(seq) in chunks:
-            n = chunks[id(seq)]
-            pos0 = seq.prefilled
-            step.token_ids += seq.req.prompt_ids[pos0 : pos0 + n]
-            step.positions += range(pos0, pos0 + n)
-            step.prefills.append((start, start + n, seq.row, pos0))
-            plan.prefill_counts.append((seq, n))
-        else:
-            n = 1
-            step.token_ids.append(seq.output_ids[-1])
-            step.positions.append(seq.length - 1)
-            step.decode.append(start)
-        step.rows += [seq.row] * n
-        step.token_slots += [seq.slot] * n
-        if id(seq) in chunks and seq.prefilled + n < seq.prompt_len:
-            continue  # a prompt chunk that does not finish the prompt: no next token yet
+        _pack(plan, seq, chunks.get(id(seq)))
+    return plan
+
+
+def _pack(plan: StepPlan, seq: Sequence, chunk: int | None) -> None:
+    step, start, pos0 = plan.step, len(plan.step.token_ids), seq.fed
+    if chunk is not None:  # positions pos0 .. pos0 + chunk - 1 of its prompt (or, after preemption, all it had)
+        n = chunk
+        step.token_ids += seq.tokens(pos0, pos0 + n)
+        step.prefills.append((start, start + n, seq.block, pos0))
+        samples = pos0 + n == seq.prefill_to
+    else:  # its last output token, at the next position
+        n, samples = 1, True
+        step.token_ids.append(seq.output_ids[-1])
+        step.decode.append(start)
+    step.positions += range(pos0, pos0 + n)
+    step.blocks += [seq.block] * n
+    step.token_slots += [seq.slot] * n
+    plan.fed.append((seq, n, chunk is not None))
+    if samples:
         step.logits_idx.append(start + n - 1)
         plan.sampled.append(seq)
-    return plan
 
 
 def sample_step(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int],

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.attention import KVCache, build_attn_meta, packed_attention
+from server.attention import build_attn_meta, packed_attention
+from server.kv_blocks import Block
+from server.kv_cache import KVCache
 from server.step_context import ForwardContext, StepContext
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -26,7 +28,7 @@ class Packed:
     """Runs steps through packed_attention and keeps every row's keys and values for the reference."""
 
     def __init__(self, dtype: torch.dtype):
-        self.cache = KVCache(1, 4, KV_HEADS, 32, DIM, dtype, torch.device("cpu"))
+        self.cache = KVCache(1, 4 * 32, KV_HEADS, DIM, 32, dtype, torch.device("cpu"), unit=8)  # 4 blocks of 32
         self.dtype = dtype
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> ([T, Hkv, D], [T, Hkv, D])
         self.gen = torch.Generator().manual_seed(0)
@@ -36,7 +38,9 @@ class Packed:
         """One step; returns (output, float64 reference) per packed token."""
         n = len(rows)
         q, k, v = (torch.randn(1, h, n, DIM, generator=self.gen).to(self.dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
-        meta = build_attn_meta(self.cache, rows, positions, decode, prefills, torch.device("cpu"))
+        blocks = [Block(r * 4, 2) for r in rows]  # row r: the r-th block of 4 units of 8 tokens
+        chunks = [(s, e, Block(r * 4, 2), p) for s, e, r, p in prefills]
+        meta = build_attn_meta(self.cache, blocks, positions, decode, chunks, torch.device("cpu"))
         context = ForwardContext()
         with context.bind(StepContext(attn=meta, lora=None)):
             out = packed_attention(context, SimpleNamespace(layer_idx=0), q, k, v, None, scaling=DIM**-0.5)[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -108,14 +109,18 @@ def test_mode_switch_mid_traffic_stays_exact(engine, alone):
     eng, _ = engine
     reqs, refs = alone
 
+    before = eng.stats().swaps
+
     async def run():
         tasks = [asyncio.create_task(collect(eng, r, delay=i * 0.01)) for i, r in enumerate(reqs)]
         for mode in ["auto", "merged", "batched", "auto"]:
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.05)
             eng.set_mode(mode)
+            deadline = time.monotonic() + 5
+            while mode == "merged" and eng.stats().swaps == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)  # the batch drains to one adapter's turn, which merges
         return await asyncio.gather(*tasks)
 
-    before = eng.stats().swaps
     try:
         results = asyncio.run(run())
     finally:
@@ -255,3 +260,30 @@ def test_auto_merges_a_dominant_adapter_and_unmerges_for_a_wide_mix(engine, alon
         assert eng.stats().step_seconds["batched"] > mid.step_seconds["batched"]
     finally:
         eng.set_mode("batched")
+
+
+def test_blocks_grow_and_preempted_sequences_resume_exactly(tiny_model_dir, tiny_adapter_dirs, tmp_path):
+    """A KV arena of 512 tokens for six sequences that each grow to 150: blocks fill up and move to bigger ones,
+    the youngest sequences give theirs back and are recomputed; every output equals the request served alone."""
+    eng, records = build_engine(tiny_model_dir, tiny_adapter_dirs, tmp_path, mode="auto", max_batch_size=8,
+                                max_model_len=256, kv_cache_tokens=512, max_tokens_per_step=64)
+    rng = random.Random(3)
+    reqs = [request([rng.randrange(200, 3000) for _ in range(30)], records[f"a{i % 3}"] if i % 2 else None,
+                    max_tokens=120, temperature=0, ignore_eos=True, logprobs=2) for i in range(6)]
+    try:
+        async def together():
+            return await asyncio.gather(*(collect(eng, r) for r in reqs))
+
+        async def alone():
+            return [await collect(eng, r) for r in reqs]
+
+        batched = asyncio.run(together())
+        preempted = eng.metrics.total("loramux_preemptions")
+        solo = asyncio.run(alone())
+    finally:
+        eng.shutdown(drain_timeout=5)
+    assert preempted > 0
+    for got, ref in zip(batched, solo, strict=True):
+        assert got.finish == ["length"] and len(got.token_ids[0]) == 120
+        assert_same_or_tie(got, ref, "grown or preempted request")
+    assert eng.stats().kv_tokens_used == 0

@@ -17,16 +17,26 @@ from tiny_models import (
     tiny_llama,
 )
 
+from server.kv_blocks import Block
 from server.model_runner import ModelRunner, StepInput
 
 TOL = 1e-4
+ORDER = 3  # the KV blocks of these tests: 2^3 units of 16 tokens, the model runners' whole context of 128
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def block(row: int) -> Block:
+    """The KV block a test calls row `row` (the tests place blocks themselves, without the allocator)."""
+    return Block(row << ORDER, ORDER)
+
+
+@pytest.fixture(scope="module", params=[("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)],
+                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked"])
 def setup(request, tmp_path_factory):
-    base, specs = (tiny_llama(), LLAMA_ADAPTERS) if request.param == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
-    aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(request.param))
-    runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_seqs=12, max_model_len=128)
+    arch, prepack = request.param
+    base, specs = (tiny_llama(), LLAMA_ADAPTERS) if arch == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
+    aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(arch))
+    runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
+                         prepack=prepack)
     return runner, aset, pin_adapters(runner, aset.dirs)
 
 
@@ -36,10 +46,10 @@ def prefill_step(seqs: list[tuple[int, list[int], int]]) -> StepInput:
     for row, ids, slot in seqs:
         start = len(step.token_ids)
         step.token_ids += ids
-        step.rows += [row] * len(ids)
+        step.blocks += [block(row)] * len(ids)
         step.positions += list(range(len(ids)))
         step.token_slots += [slot] * len(ids)
-        step.prefills.append((start, start + len(ids), row, 0))
+        step.prefills.append((start, start + len(ids), block(row), 0))
     step.logits_idx = list(range(len(step.token_ids)))
     return step
 
@@ -48,7 +58,7 @@ def decode_step(seqs: list[tuple[int, int, int, int]]) -> StepInput:
     """seqs: (row, token id, position, slot), one token each."""
     n = len(seqs)
     return StepInput(
-        token_ids=[t for _, t, _, _ in seqs], rows=[r for r, _, _, _ in seqs],
+        token_ids=[t for _, t, _, _ in seqs], blocks=[block(r) for r, _, _, _ in seqs],
         positions=[p for _, _, p, _ in seqs], token_slots=[s for _, _, _, s in seqs],
         decode=list(range(n)), logits_idx=list(range(n)),
     )
@@ -94,16 +104,16 @@ def test_chunked_prefill_and_mixed_step(setup):
     for start in range(0, 23, 5):
         chunk = ids[start : start + 5]
         n = len(chunk)
-        step = StepInput(chunk, [9] * n, list(range(start, start + n)), [slots[name]] * n,
-                         prefills=[(0, n, 9, start)], logits_idx=list(range(n)))
+        step = StepInput(chunk, [block(9)] * n, list(range(start, start + n)), [slots[name]] * n,
+                         prefills=[(0, n, block(9), start)], logits_idx=list(range(n)))
         logits = runner.forward(step)
         torch.testing.assert_close(logits, peft_logits(aset.peft, name, ids)[start : start + n], atol=TOL, rtol=0)
     # One step mixing a decode token of row 9 with a fresh prefill on row 10 of another adapter.
     other = list(slots)[1]
     ids2 = rand_ids(rng, 6)
     tok = rng.randrange(96)
-    step = StepInput([tok] + ids2, [9] + [10] * 6, [23] + list(range(6)), [slots[name]] + [slots[other]] * 6,
-                     decode=[0], prefills=[(1, 7, 10, 0)], logits_idx=[0, 6])
+    step = StepInput([tok] + ids2, [block(9)] + [block(10)] * 6, [23] + list(range(6)),
+                     [slots[name]] + [slots[other]] * 6, decode=[0], prefills=[(1, 7, block(10), 0)], logits_idx=[0, 6])
     logits = runner.forward(step)
     torch.testing.assert_close(logits[0], peft_logits(aset.peft, name, ids + [tok])[-1], atol=TOL, rtol=0)
     torch.testing.assert_close(logits[1], peft_logits(aset.peft, other, ids2)[-1], atol=TOL, rtol=0)
@@ -138,13 +148,17 @@ def test_merged_matches_peft_merged_and_hybrid_rows(setup):
         runner.slots.merge(None)
 
 
+@pytest.mark.parametrize("prepack", [False, True], ids=["plain", "prepacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_thousand_swaps_restore_weights_bitwise(tmp_path, dtype):
+def test_thousand_swaps_restore_weights_bitwise(tmp_path, dtype, prepack):
     base = tiny_llama()
     aset = make_adapters(copy.deepcopy(base), LLAMA_ADAPTERS, tmp_path)
-    runner = ModelRunner(copy.deepcopy(base).to(dtype), max_loras=8, max_rank=16, max_seqs=2, max_model_len=32)
+    runner = ModelRunner(copy.deepcopy(base).to(dtype), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=128,
+                         prepack=prepack)
     slots = list(pin_adapters(runner, aset.dirs).values())
     original = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    probe = prefill_step([(0, list(range(1, 17)), -1)])
+    before = runner.forward(probe)
     rng = random.Random(0)
     changed = False
     for _ in range(1000):
@@ -155,3 +169,4 @@ def test_thousand_swaps_restore_weights_bitwise(tmp_path, dtype):
     assert changed, "merging never changed a weight: the test would prove nothing"
     for k, v in runner.model.state_dict().items():
         assert torch.equal(v, original[k]), k
+    assert torch.equal(runner.forward(probe), before)  # what the GEMMs read (a reordered copy, if any) too

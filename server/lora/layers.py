@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import LoraAdapter, ModuleShape
+from server.gemm import PackedLinear
 from server.lora.ops import expand, shrink
 from server.step_context import ForwardContext
 
@@ -66,17 +67,19 @@ class ProjectionGroup:
 
 
 class LoraProjection(nn.Module):
-    """A base projection plus the side paths of its group."""
+    """A base projection (through `packed`, its oneDNN-reordered GEMM, when given) plus its group's side paths."""
 
-    def __init__(self, base: nn.Module, group: ProjectionGroup, member: int):
+    def __init__(self, base: nn.Module, group: ProjectionGroup, member: int, packed: PackedLinear | None = None):
         super().__init__()
         self.base = base
         self.group = group
         self.member = member
+        self.packed = packed
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.apply(self.member, x, self.base(x))
+        y = self.base(x) if self.packed is None else self.packed(x)
+        return self.group.apply(self.member, x, y)

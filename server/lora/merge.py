@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleShape
+from server.gemm import PackedLinear
 from server.lora.layers import ProjectionGroup
 
 
@@ -27,10 +28,12 @@ class MergeRefused(ValueError):
 class MergedWeights:
     """The base weights of a runtime's projections, holding golden + the delta of at most one slot."""
 
-    def __init__(self, groups: list[ProjectionGroup], modules: dict[str, nn.Module], shapes: dict[str, ModuleShape]):
+    def __init__(self, groups: list[ProjectionGroup], modules: dict[str, nn.Module], shapes: dict[str, ModuleShape],
+                 packed: dict[str, PackedLinear] | None = None):
         self._groups = groups
         self._modules = modules
         self._shapes = shapes
+        self._packed = packed or {}  # projections whose GEMM reads a reordered copy: repacked after a change
         self._golden: dict[str, torch.Tensor] = {}
         self._touched: set[str] = set()  # projections currently differing from golden
 
@@ -39,7 +42,8 @@ class MergedWeights:
         """Make the weights hold `golden + delta(slot)` for the members of `groups` (plain golden for None)."""
         targets = {} if slot is None else {
             name: (g, j) for g in self._groups if g.index in groups for j, name in enumerate(g.names)}
-        for name in self._touched - targets.keys():
+        restored = self._touched - targets.keys()
+        for name in restored:
             self._modules[name].weight.copy_(self._golden[name])
         for name, (group, member) in targets.items():
             w = self._modules[name].weight
@@ -51,7 +55,12 @@ class MergedWeights:
         if bad:
             for name in self._touched:
                 self._modules[name].weight.copy_(self._golden[name])
+            restored |= self._touched
             self._touched = set()
+        for name in restored | self._touched:
+            if name in self._packed:
+                self._packed[name].repack()
+        if bad:
             raise MergeRefused(f"folding slot {slot} would make {len(bad)} projections non-finite (e.g. {bad[0]})")
 
     def _write_merged(self, name: str, group: ProjectionGroup, member: int, slot: int, rank: int,

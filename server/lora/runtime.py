@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import LoraAdapter, ModuleShape
+from server.gemm import PackedLinear, prepack_supported
 from server.lora.layers import LoraProjection, ProjectionGroup
 from server.lora.merge import MergedWeights
 from server.lora.packing import shared_input_groups
@@ -46,7 +47,9 @@ def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class LoraRuntime:
-    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext):
+    """`prepack`: the base projections' GEMMs run through oneDNN over reordered weights (CPU; server/gemm.py)."""
+
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext, prepack: bool = False):
         param = next(model.parameters())
         self.device = param.device
         self.dtype = side_path_dtype(param.dtype, param.device)  # of the slot buffers and side paths
@@ -54,6 +57,7 @@ class LoraRuntime:
         self.modules = targetable_modules(model)
         self.shapes = {name: projection_shape(m) for name, m in self.modules.items()}  # what adapters may target
         self.groups: list[ProjectionGroup] = []
+        self.packed: dict[str, PackedLinear] = {}
         for names in shared_input_groups(model, self.modules):
             if len({self.shapes[n].d_in for n in names}) > 1:  # cannot happen for one input tensor
                 raise ValueError(f"projections {names} read one input but differ in d_in")
@@ -61,8 +65,12 @@ class LoraRuntime:
                                     self.device, self.dtype, context)
             self.groups.append(group)
             for member, name in enumerate(names):
-                _replace(model, name, LoraProjection(self.modules[name], group, member))
-        self.merged = MergedWeights(self.groups, self.modules, self.shapes)
+                base = self.modules[name]
+                packed = PackedLinear(base) if prepack and prepack_supported(base.weight) else None
+                _replace(model, name, LoraProjection(base, group, member, packed))
+                if packed is not None:
+                    self.packed[name] = packed
+        self.merged = MergedWeights(self.groups, self.modules, self.shapes, self.packed)
 
     @property
     def buffer_bytes(self) -> int:
