@@ -8,7 +8,7 @@ import pytest
 import torch
 from lora_reference import lora_reference
 
-from server.lora.ops import expand, shrink
+from server.lora.ops import BufferViews, expand, shrink
 from server.lora.plan import NO_ADAPTER, plan_lora
 from server.lora.slots import place_slot
 
@@ -63,11 +63,12 @@ def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtyp
         slots = [merged] * 2 + [s for s in slots if s != merged]
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
-    shrunk = shrink(x, A, plan)
+    views = BufferViews(A, B)
+    shrunk = shrink(x, views, plan)
     for j in range(M):
         base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(2)).to(y_dtype)
         y = base.clone()
-        expand(y, shrunk, j, B[j], plan)
+        expand(y, shrunk, j, views, plan)
         ref = base.double() + lora_reference(x, slots, A, B[j], j, merged_slot=merged)
         if y_dtype == torch.float32:
             torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
@@ -138,9 +139,10 @@ def test_random_batches():
             slots.sort()
         x = torch.randn(len(slots), D_IN)
         plan = plan_lora_batch(slots, ranks)
-        shrunk = shrink(x, A, plan)
+        views = BufferViews(A, B)
+        shrunk = shrink(x, views, plan)
         y = torch.zeros(len(slots), D_OUT[0])
-        expand(y, shrunk, 0, B[0], plan)
+        expand(y, shrunk, 0, views, plan)
         torch.testing.assert_close(y.double(), lora_reference(x, slots, A, B[0], 0), atol=1e-4, rtol=1e-5)
 
 
@@ -168,10 +170,11 @@ def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_buc
         b[poisoned, 0] = float("inf") if j % 2 else float("nan")
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
-    shrunk = shrink(x, A, plan)
+    views = BufferViews(A, B)
+    shrunk = shrink(x, views, plan)
     for j in range(M):
         y = torch.zeros(len(slots), D_OUT[j])
-        expand(y, shrunk, j, B[j], plan)
+        expand(y, shrunk, j, views, plan)
         ref = lora_reference(x, slots, clean_A, clean_B[j], j, merged_slot=merged)
         for t, s in enumerate(slots):
             if s == poisoned:

@@ -14,7 +14,7 @@ from torch import nn
 
 from adapters_store.format import LoraAdapter, ModuleShape
 from server.gemm import PackedLinear
-from server.lora.ops import expand, shrink
+from server.lora.ops import BufferViews, expand, shrink
 from server.step_context import ForwardContext
 
 
@@ -33,6 +33,7 @@ class ProjectionGroup:
         kw = dict(device=device, dtype=dtype)
         self.A = torch.zeros(n_slots, max_rank, len(names), shapes[0].d_in, **kw)
         self.B = [torch.zeros(n_slots, max_rank, sh.d_out, **kw) for sh in shapes]
+        self.views = BufferViews(self.A, self.B)
 
     def write(self, slot: int, adapter: LoraAdapter) -> bool:
         """Copy the adapter's weights of this group's members into `slot`; False if it adapts none of them."""
@@ -61,8 +62,8 @@ class ProjectionGroup:
             return y
         plan = ctx.lora
         x2 = x.reshape(-1, x.shape[-1])  # [N, d_in]
-        shrunk = ctx.shared(self.index, x, lambda: shrink(x2.to(self.A.dtype), self.A, plan))
-        expand(y.view(-1, y.shape[-1]), shrunk, member, self.B[member], plan)
+        shrunk = ctx.shared(self.index, x, lambda: shrink(x2.to(self.A.dtype), self.views, plan))
+        expand(y.view(-1, y.shape[-1]), shrunk, member, self.views, plan)
         return y
 
 

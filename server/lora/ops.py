@@ -3,8 +3,8 @@
 Buffers of one group of M projections over S slots:
     A:    [S, r_max, M, d_in]   (rank-major so that slicing to the batch's rank stays a view)
     B[j]: [S, r_max, d_out_j]   (B transposed, pre-scaled by the adapter's s = alpha/r for that module)
-x and the buffers share one dtype; y may have another (a bf16 model with fp32 side paths on CPU):
-the products are then computed in the buffers' dtype and added into y in its own.
+x and the buffers share one dtype; y may have another (a bf16 model with fp32 side paths on CPU): a
+member's products are then summed in the buffers' dtype and added into y once, in its own.
 
 Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly this):
 
@@ -13,16 +13,47 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
         if s >= 0 and s != merged:  y_j[t] += (A[s, :, j] @ x[t]) @ B[j][s]
         if merged is not None and s != merged:  y_j[t] -= (A[merged, :, j] @ x[t]) @ B[j][merged]
 
-The shrink (x @ A) is done once for all M members; each member then expands its own slice.
+The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
+calls these for every group of every layer, a few thousand small products: the buffer views they read are
+made once and kept (`BufferViews`), since the buffers never move.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from server.lora.plan import LoraPart, LoraPlan
+
+
+@dataclass
+class BufferViews:
+    """Views of one group's buffers by (what, slot range, rank): sliced once, read every step."""
+
+    A: torch.Tensor
+    B: list[torch.Tensor]
+    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def a(self, lo: int, n: int, r: int) -> torch.Tensor:
+        """A of slots lo..lo+n-1 at rank r: [n, r*M, d_in] (a single slot: [r*M, d_in] for n == 0)."""
+        key = ("a", lo, n, r)
+        view = self._cache.get(key)
+        if view is None:
+            d_in = self.A.shape[-1]
+            view = self.A[lo, :r].reshape(-1, d_in) if n == 0 else self.A[lo : lo + n, :r].reshape(n, -1, d_in)
+            self._cache[key] = view
+        return view
+
+    def b(self, member: int, lo: int, n: int, r: int) -> torch.Tensor:
+        """B of one member, slots lo..lo+n-1 at rank r: [n, r, d_out] ([r, d_out] for n == 0)."""
+        key = ("b", member, lo, n, r)
+        view = self._cache.get(key)
+        if view is None:
+            b = self.B[member]
+            view = b[lo, :r] if n == 0 else b[lo : lo + n, :r]
+            self._cache[key] = view
+        return view
 
 
 @dataclass
@@ -41,25 +72,20 @@ class Shrunk:
     subtract: torch.Tensor | None  # [M, n_sub, r_sub]
 
 
-def _slot_a(A: torch.Tensor, slot: int, r: int) -> torch.Tensor:
-    # A[slot, :r]: [r, M, d_in] -> [r*M, d_in]
-    return A[slot, :r].reshape(-1, A.shape[-1])
-
-
 def _members_first(xa: torch.Tensor, m: int) -> torch.Tensor:
     # [..., r*M] (rank-major) -> [M, ..., r], contiguous
     return xa.unflatten(-1, (-1, m)).movedim(-1, 0).contiguous()
 
 
-def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart:
-    m, r = A.shape[2], part.rank
+def _shrink_part(x: torch.Tensor, views: BufferViews, part: LoraPart) -> ShrunkPart:
+    m, r = views.A.shape[2], part.rank
     if part.kind != "bmm":
-        return ShrunkPart([_members_first(x[s:e] @ _slot_a(A, slot, r).T, m) for s, e, slot in part.runs], None)
+        return ShrunkPart([_members_first(x[s:e] @ views.a(slot, 0, r).T, m) for s, e, slot in part.runs], None)
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
-        a = A[part.slot_lo : part.slot_lo + g, :r].reshape(g, r * m, -1)  # [G, r*M, d_in] view
+        a = views.a(part.slot_lo, g, r)  # [G, r*M, d_in] view
     else:
-        a = A[:, :r].index_select(0, part.gather_slots).reshape(g, r * m, -1)  # only the bucket's rank
+        a = views.A[:, :r].index_select(0, part.gather_slots).reshape(g, r * m, -1)  # only the bucket's rank
     if part.tok_idx is None:
         xg = x[part.bmm_start : part.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
     else:  # the part's tokens in a zeroed buffer: padding rows hold no other row's values
@@ -70,47 +96,48 @@ def _shrink_part(x: torch.Tensor, A: torch.Tensor, part: LoraPart) -> ShrunkPart
 
 
 def _add_product(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """y += alpha * a @ b in place (2-D or batched 3-D), fused when y has the operands' dtype."""
-    if y.dtype != a.dtype:
-        y.add_(a @ b, alpha=alpha)
-    elif a.dim() == 3:
+    """y += alpha * a @ b in place, fused (2-D or batched 3-D; y has the operands' dtype)."""
+    if a.dim() == 3:
         y.baddbmm_(a, b, alpha=alpha)
     else:
         y.addmm_(a, b, alpha=alpha)
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, plan: LoraPlan) -> Shrunk:
+def shrink(x: torch.Tensor, views: BufferViews, plan: LoraPlan) -> Shrunk:
     """x: [N, d_in] -> the low-rank activations of every part (and of the merged adapter to subtract)."""
     sub = None
     if plan.subtract is not None:
         start, end, slot = plan.subtract
-        rs = plan.subtract_rank
-        sub = _members_first(x[start:end] @ _slot_a(A, slot, rs).T, A.shape[2])
-    return Shrunk([_shrink_part(x, A, part) for part in plan.parts], sub)
+        sub = _members_first(x[start:end] @ views.a(slot, 0, plan.subtract_rank).T, views.A.shape[2])
+    return Shrunk([_shrink_part(x, views, part) for part in plan.parts], sub)
 
 
-def _expand_part(y: torch.Tensor, s: ShrunkPart, member: int, B: torch.Tensor, part: LoraPart) -> None:
+def _expand_part(acc: torch.Tensor, s: ShrunkPart, member: int, views: BufferViews, part: LoraPart) -> None:
     r = part.rank
     if s.bmm is None:
         for (start, end, slot), xa in zip(part.runs, s.runs, strict=True):
-            _add_product(y[start:end], xa[member], B[slot, :r])
+            _add_product(acc[start:end], xa[member], views.b(member, slot, 0, r))
         return
     g, length = part.groups, part.group_len
     if part.gather_slots is None:
-        b = B[part.slot_lo : part.slot_lo + g, :r]  # [G, r, d_out] view
+        b = views.b(member, part.slot_lo, g, r)  # [G, r, d_out] view
     else:
-        b = B[:, :r].index_select(0, part.gather_slots)
-    if part.tok_idx is None:  # y rows of the part, in place: [G, L, d_out]
-        _add_product(y[part.bmm_start : part.bmm_start + g * length].view(g, length, -1), s.bmm[member], b)
+        b = views.B[member][:, :r].index_select(0, part.gather_slots)
+    if part.tok_idx is None:  # the part's rows, in place: [G, L, d_out]
+        _add_product(acc[part.bmm_start : part.bmm_start + g * length].view(g, length, -1), s.bmm[member], b)
     else:  # only the rows that hold the part's tokens are added back, each into its own token
         delta = torch.bmm(s.bmm[member], b).view(g * length, -1)  # [G*L, d_out]
-        y.index_add_(0, part.tok_idx, delta.index_select(0, part.pad_pos).to(y.dtype))
+        acc.index_add_(0, part.tok_idx, delta.index_select(0, part.pad_pos))
 
 
-def expand(y: torch.Tensor, s: Shrunk, member: int, B: torch.Tensor, plan: LoraPlan) -> None:
-    """y: [N, d_out] += this member's side paths (in place). B: [S, r_max, d_out]."""
+def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: LoraPlan) -> None:
+    """y: [N, d_out] += this member's side paths (in place)."""
+    mixed = y.dtype != views.A.dtype
+    acc = torch.zeros(y.shape, dtype=views.A.dtype, device=y.device) if mixed else y  # one rounding into y
     for shrunk, part in zip(s.parts, plan.parts, strict=True):
-        _expand_part(y, shrunk, member, B, part)
+        _expand_part(acc, shrunk, member, views, part)
     if s.subtract is not None:
         start, end, slot = plan.subtract
-        _add_product(y[start:end], s.subtract[member], B[slot, : plan.subtract_rank], alpha=-1)
+        _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
+    if mixed:
+        y.add_(acc)
