@@ -78,10 +78,10 @@ from server.threads import engine_threads, single_threaded
 # the engine -----------------------------------------------------------------------------------------
 
 
-def build_engine(model, tokenizer, peft, names: list[str], root: Path,
-                 threads: int | None = None) -> tuple[Engine, list[AdapterRecord]]:
-    config = EngineConfig(mode="batched", max_batch_size=64, max_model_len=256, max_tokens_per_step=512,
-                          max_waiting=1024, threads=threads)
+def build_engine(model, tokenizer, peft, names: list[str], root: Path, threads: int | None = None,
+                 max_batch_size: int = 64, max_tokens_per_step: int = 512) -> tuple[Engine, list[AdapterRecord]]:
+    config = EngineConfig(mode="batched", max_batch_size=max_batch_size, max_model_len=256,
+                          max_tokens_per_step=max_tokens_per_step, max_waiting=1024, threads=threads)
     core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64)
     records = [core.store.put(SHARED, name, *adapter_files(peft, name))[0] for name in names]
     core.engine.start()
@@ -185,7 +185,8 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     wanted = {*args.workloads, *args.peers_on, *(["W1"] if "W5" in args.workloads else [])}
     order = [w for w in WORKLOADS if w in wanted]
     with tempfile.TemporaryDirectory() as tmp:
-        engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp), args.threads)
+        engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp), args.threads,
+                                       args.max_batch_size, args.max_tokens_per_step)
         try:
             log(f"[{dtype}] warm-up")
             warm_up(engine, records, prompts)
@@ -297,6 +298,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 requests x 8 new tokens over 4 adapters")
     ap.add_argument("--threads", type=int, help="CPU threads of the engine thread, where the peers run too "
                     "(default: every core)")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-tokens-per-step", type=int, default=512)
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     run_benchmark(args, Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes(), bench_dtype, markdown)
