@@ -3,7 +3,9 @@
 For each dtype: mixed batches of B rows (every row a different rank-16 adapter on q,k,v,o,gate,up,
 down) at prefill (64 tokens) and at one decode step over a 256-token KV cache, as time / the
 base model's time for the same batch (ours: our runner with no adapter; PEFT: adapters disabled);
-merged swap vs PEFT unmerge_adapter + merge_adapter; cold load from the store to a device slot.
+merged swap vs PEFT unmerge_adapter + merge_adapter; cold load from the store to a device slot;
+decode rows composing two adapters (per-request weighted composition) against rows of one adapter and
+against serving the two adapters as two rows (PEFT cannot batch compositions: it merges a new adapter).
 Ours with and without adapters and PEFT's mixed batch are timed in rotation (medians over the
 repetitions), so that drift hits every side of their ratios alike.
 
@@ -90,6 +92,24 @@ def measure_batch(runner: ModelRunner, peft, names: list[str], slots: list[int],
     return out
 
 
+def measure_composition(runner: ModelRunner, slots: list[int], ids: torch.Tensor, b: int, reps: int,
+                        dtype: str) -> dict[str, float]:
+    """Decode of b rows each composing two adapters (weights 0.6/0.4), against b rows of one adapter each and
+    against the 2b rows that serve the two adapters of each composed row separately."""
+    def composed():
+        step = decode_step(b, [-1] * b, ids)
+        step.weighted = [(r, r + 1, slots[2 * r + i], w) for r in range(b) for i, w in enumerate((0.6, 0.4))]
+        return runner.forward(step)
+
+    runner.forward(prefill_step(2 * b, [-1] * 2 * b, KV, ids))  # each row's cache at 256 tokens
+    t_one, t_two_rows, t_composed = rotated_times([
+        lambda: runner.forward(decode_step(b, slots[:b], ids)),
+        lambda: runner.forward(decode_step(2 * b, slots[: 2 * b], ids)),
+        composed], reps * 2)
+    return {f"{dtype}_decode_b{b}_composed2_vs_one_adapter": t_composed / t_one,
+            f"{dtype}_decode_b{b}_composed2_vs_two_rows": t_composed / t_two_rows}
+
+
 def swap_times(runner: ModelRunner, peft, names: list[str], slots: list[int], reps: int) -> tuple[float, float]:
     """Median time of one merged swap between two adapters: ours, and PEFT's unmerge + merge."""
     state = {"i": 0}
@@ -133,6 +153,8 @@ def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True)
     with torch.inference_mode():
         for b in batches:
             out.update(measure_batch(runner, peft, names, slots, ids, b, reps, dtype))
+        for b in sorted({min(batches), max(batches) // 2}):
+            out.update(measure_composition(runner, slots, ids, b, reps, dtype))
         decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
         t_swap, p_swap = swap_times(runner, peft, names, slots, reps)
         out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap

@@ -145,8 +145,20 @@ def cmd_models(c: LoramuxClient, a: argparse.Namespace) -> None:
         _out(f"{m.id}  (adapter of {m.parent})" if m.parent else m.id)
 
 
+def _adapter_weight(text: str) -> tuple[str, float]:
+    """ID or ID=WEIGHT (argparse type of --adapter)."""
+    adapter_id, sep, weight = text.rpartition("=")
+    if not sep:
+        return text, 1.0
+    try:
+        return adapter_id, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected ID or ID=WEIGHT with a number as WEIGHT") from None
+
+
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed}
+    return {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p, "seed": a.seed,
+            "adapters": a.adapter}
 
 
 def _stream_text(chunks: Iterable[Any]) -> None:
@@ -181,6 +193,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they come")
+    p.add_argument("--adapter", action="append", type=_adapter_weight, default=None, metavar="ID[=WEIGHT]",
+                   help="compose adapters (repeat the flag; MODEL is then the base model's name), e.g. "
+                        "--adapter legal=0.7 --adapter french=0.3")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -236,8 +236,28 @@ def _adapter_path(adapter_id: str, suffix: str = "") -> str:
 # --- inference ----------------------------------------------------------------------------------------------------
 
 
+def composition(adapters: Mapping[str, float] | Iterable[Any]) -> list[dict[str, Any]]:
+    """The API's `adapters` list from ``{"legal": 0.7, "french": 0.3}``, ``[("legal", 0.7), ...]`` or
+    ``[{"id": "legal", "weight": 0.7}, ...]`` (a bare id has weight 1)."""
+    items = adapters.items() if isinstance(adapters, Mapping) else adapters
+    out = []
+    for item in items:
+        if isinstance(item, Mapping):
+            out.append(dict(item))
+        elif isinstance(item, str):
+            out.append({"id": item, "weight": 1.0})
+        else:
+            adapter_id, weight = item
+            out.append({"id": adapter_id, "weight": float(weight)})
+    return out
+
+
 def _params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if v is not None}
+    """Request fields without the None ones; `adapters` in any form ``composition`` takes."""
+    body = {k: v for k, v in params.items() if v is not None}
+    if "adapters" in body:
+        body["adapters"] = composition(body["adapters"])
+    return body
 
 
 def complete(model: str, prompt: Any, params: Mapping[str, Any]) -> Call[Completion]:

@@ -71,7 +71,9 @@ class LoramuxClient:
     # inference
 
     def complete(self, model: str, prompt: Any, **params: Any) -> Completion:
-        """``POST /v1/completions``; ``model`` is an adapter id or the base model's name."""
+        """``POST /v1/completions``; ``model`` is an adapter id or the base model's name.
+
+        ``adapters={"legal": 0.7, "french": 0.3}`` (with ``model`` the base model's name) composes adapters."""
         return self._run(protocol.complete(model, prompt, params))
 
     def complete_stream(self, model: str, prompt: Any, **params: Any) -> Iterator[CompletionChunk]:

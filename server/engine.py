@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,14 +25,22 @@ import torch
 from adapters_store.errors import ServingError
 from adapters_store.host_cache import HostCache, HostCopy
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
-from server.engine_types import EngineStats, FinishReason, GenerationRequest, Mode, SeqOutput, TokenLogprob
+from server.engine_types import (
+    MAX_ADAPTER_WEIGHT,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    Mode,
+    SeqOutput,
+    TokenLogprob,
+)
 from server.errors import EngineStopped, GenerationFailed, InvalidRequest
 from server.metrics import Metrics
 from server.model_runner import ModelRunner
 from server.output import OutputProcessor
 from server.sampling import make_generator
 from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import RequestStream, Sequence
+from server.sequence import MixPart, RequestStream, Sequence
 from server.step import StepPlan, build_step, sample_step
 from server.threads import engine_threads, single_threaded_executor, use_threads
 
@@ -52,6 +61,7 @@ class EngineConfig:
     max_turn_s: float = 2.0
     queue_timeout: float | None = 120.0  # seconds a sequence may wait for admission before a 503
     threads: int | None = None  # CPU intra-op threads of the engine thread (None: every core)
+    max_adapters_per_request: int = 4  # adapters one composed request may name
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.mode, self.max_batch_size, self.max_waiting, self.merge_share,
@@ -121,9 +131,26 @@ class Engine:
         bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        if req.mix:
+            self._validate_mix(req)
         if req.params.n > min(self.config.max_batch_size, self.config.max_waiting):
             raise InvalidRequest(f"n={req.params.n} exceeds what the server can hold at once "
                                  f"(batch size {self.config.max_batch_size}, queue {self.config.max_waiting})")
+
+    def _validate_mix(self, req: GenerationRequest) -> None:
+        limit = min(self.config.max_adapters_per_request, self.runner.slots.stats.slots)
+        if req.adapter is not None:
+            raise InvalidRequest("a request names either one adapter or a composition of adapters, not both")
+        if len(req.mix) > limit:
+            raise InvalidRequest(f"the request composes {len(req.mix)} adapters; at most {limit} may be composed "
+                                 f"(--max-adapters-per-request, and no more than the device slots)")
+        names = [m.record.key for m in req.mix]
+        if len(set(names)) != len(names):
+            raise InvalidRequest(f"the composition names an adapter twice: {names}")
+        for m in req.mix:
+            if not math.isfinite(m.weight) or abs(m.weight) > MAX_ADAPTER_WEIGHT:
+                raise InvalidRequest(f"the weight of adapter '{m.record.id}' is {m.weight}; weights must be finite "
+                                     f"and within [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}]")
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]:
         """Lease the adapter's host copy, queue the request and stream its outputs; closing the iterator
@@ -134,14 +161,15 @@ class Engine:
         self.validate(req)
         loop = asyncio.get_running_loop()
         n = req.params.n
-        host = None
-        if req.adapter is not None:  # disk -> host off the engine thread, held until the request ends
-            host = await loop.run_in_executor(self._io, self.host.lease, req.adapter, n)
-        stream = RequestStream(req, loop)
+        records = ([req.adapter] if req.adapter is not None else []) + [m.record for m in req.mix]
+        hosts: list[HostCopy] = []
         try:
-            self.scheduler.submit([self._new_sequence(req, i, stream, host) for i in range(n)])
+            for record in records:  # disk -> host off the engine thread, held until the request ends
+                hosts.append(await loop.run_in_executor(self._io, self.host.lease, record, n))
+            stream = RequestStream(req, loop)
+            self.scheduler.submit([self._new_sequence(req, i, stream, hosts) for i in range(n)])
         except BaseException:
-            if host is not None:
+            for host in hosts:
                 self.host.release(host, n)
             raise
         self._wake.set()
@@ -186,13 +214,16 @@ class Engine:
         self._wake.set()
 
     def _new_sequence(self, req: GenerationRequest, index: int, stream: RequestStream,
-                      host: HostCopy | None) -> Sequence:
+                      hosts: list[HostCopy]) -> Sequence:
+        """hosts: the host copy of the request's adapter, or of each adapter of its composition (in order)."""
         p = req.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        mix = [MixPart(m.record.identity, m.weight, host)
+               for m, host in zip(req.mix, hosts if req.mix else [], strict=True)]
         return Sequence(
             req=req, index=index, stream=stream, generator=make_generator(p.seed, self.runner.device, index),
             detok=IncrementalDetokenizer(self.tokenizer, req.prompt_ids), stopper=StopStringMatcher(p.stop),
-            stop_ids=stop_ids, host=host,
+            stop_ids=stop_ids, host=None if req.mix or not hosts else hosts[0], mix=mix,
         )
 
     def _loop(self) -> None:
@@ -283,8 +314,7 @@ class Engine:
         keep = finite.nonzero().flatten()
         for seq, ok in zip(seqs, finite.tolist(), strict=True):
             if not ok:
-                what = "the base model" if seq.adapter is None else f"adapter '{seq.adapter.id}'"
-                self._end(seq, "error", GenerationFailed(f"{what} produced non-finite logits (NaN/Inf)",
+                self._end(seq, "error", GenerationFailed(f"{seq.describe} produced non-finite logits (NaN/Inf)",
                                                          code="non_finite_logits"))
         return logits.index_select(0, keep), [seqs[i] for i in keep.tolist()]
 

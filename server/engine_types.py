@@ -12,6 +12,15 @@ from server.sampling import SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 Mode = Literal["auto", "batched", "merged"]
+MAX_ADAPTER_WEIGHT = 8.0  # |weight| of an adapter in a composed request
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    """One adapter of a composed request: its delta enters the request's rows times `weight`."""
+
+    record: AdapterRecord
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -19,9 +28,11 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    adapter: AdapterRecord | None = None  # None = the base model
+    adapter: AdapterRecord | None = None  # None = the base model (or the composition in `mix`)
     tenant: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    # several adapters with weights (or one at a weight other than 1), on top of the base model; `adapter` is None
+    mix: tuple[WeightedAdapter, ...] = ()
 
 
 @dataclass(frozen=True)

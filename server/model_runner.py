@@ -29,6 +29,8 @@ class StepInput:
     decode: list[int] = field(default_factory=list)  # packed indices of single decode tokens
     prefills: list[tuple[int, int, Block, int]] = field(default_factory=list)  # (start, end, block, pos0)
     logits_idx: list[int] = field(default_factory=list)  # packed indices whose next-token logits are needed
+    # (start, end, slot, weight): tokens of a composed request add weight times that slot's delta
+    weighted: list[tuple[int, int, int, float]] = field(default_factory=list)
 
 
 def kv_geometry(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -70,7 +72,7 @@ class ModelRunner:
     def step_context(self, step: StepInput) -> StepContext:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
         lora = plan_lora(step.token_slots, self.slots.ranks(), slot_groups=self.slots.groups(),
-                         merged_slot=self.slots.merged_slot, device=self.device)
+                         weighted=step.weighted, merged_slot=self.slots.merged_slot, device=self.device)
         attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device)
         return StepContext(attn=attn, lora=lora)
 

@@ -5,7 +5,8 @@ sequences into free KV rows as the router allows, tenants in turn (each tenant's
 tenant's burst never holds back another's request), each taking a reference on its adapter's device slot
 (a copy from the host copy its request leased when it was accepted; never a disk read); then apply the
 router's choice of merged adapter, which is always the adapter of running sequences (so its slot is
-resident). A sequence that finds no free slot waits. Each tenant may hold `waiting_cap(tenant)` queued
+resident). A composed sequence takes a reference on each of its adapters' slots, all or none; it is never
+merged. A sequence that finds no free slot waits. Each tenant may hold `waiting_cap(tenant)` queued
 sequences. ``submit`` and ``take_waiting`` may be called from other threads.
 """
 
@@ -106,11 +107,11 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self._free_block(seq)
-            if seq.slot >= 0:
-                self.slots.release(seq.slot)
-        if seq.host is not None:
-            self.host.release(seq.host)
-            seq.host = None
+            self._release_slots(seq)
+        for holder in (seq, *seq.mix):
+            if holder.host is not None:
+                self.host.release(holder.host)
+                holder.host = None
 
     def forget(self, seq: Sequence) -> None:
         """Drop a sequence from the batch whatever it holds (its release failed): its KV block is reusable."""
@@ -152,20 +153,19 @@ class Scheduler:
             seq.block = self.cache.blocks.alloc(_first_block_tokens(seq, self.cache.max_len))
             if seq.block is None:
                 continue  # waits for KV space
-            if seq.host is not None:
-                try:
-                    seq.slot = self.slots.acquire(seq.adapter, seq.host.adapter)
-                except Exception as exc:
-                    self.cache.blocks.free(seq.block)
-                    seq.block = None
-                    if isinstance(exc, NoFreeSlot):
-                        continue  # waits for a slot
-                    # the copy into the slot failed: this request fails, not the engine
-                    error = exc if isinstance(exc, ServingError) else GenerationFailed(
-                        f"could not load adapter '{seq.adapter.id}' into a device slot: {exc}")
-                    failed.append((seq, error))
-                    self._drop_waiting(seq)
-                    continue
+            try:
+                self._acquire_slots(seq)
+            except Exception as exc:
+                self.cache.blocks.free(seq.block)
+                seq.block = None
+                if isinstance(exc, NoFreeSlot):
+                    continue  # waits for a slot
+                # the copy into the slot failed: this request fails, not the engine
+                error = exc if isinstance(exc, ServingError) else GenerationFailed(
+                    f"could not load {seq.describe} into device slots: {exc}")
+                failed.append((seq, error))
+                self._drop_waiting(seq)
+                continue
             self._drop_waiting(seq)
             seq.t_admitted = now
             self.metrics.queue_time.observe(now - seq.req.arrival)
@@ -195,13 +195,34 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free_block(seq)
-        if seq.slot >= 0:
-            self.slots.release(seq.slot)
+        self._release_slots(seq)
         seq.preempted()
         self.metrics.preemptions.inc()
         with self._lock:  # first in line again
             self._waiting.appendleft(seq)
             self._queued[seq.req.tenant] += 1
+
+    def _acquire_slots(self, seq: Sequence) -> None:
+        """A slot reference for the sequence's adapter, or for each adapter of its composition (all or none)."""
+        if seq.host is not None:
+            seq.slot = self.slots.acquire(seq.merge_key, seq.host.adapter)
+        taken: list[int] = []
+        try:
+            for part in seq.mix:
+                part.slot = self.slots.acquire(part.identity, part.host.adapter)
+                taken.append(part.slot)
+        except BaseException:
+            for slot in taken:
+                self.slots.release(slot)
+            for part in seq.mix:
+                part.slot = -1
+            raise
+
+    def _release_slots(self, seq: Sequence) -> None:
+        for holder in (seq, *seq.mix):
+            if holder.slot >= 0:
+                self.slots.release(holder.slot)
+                holder.slot = -1
 
     def _free_block(self, seq: Sequence) -> None:
         if seq.block is not None:
@@ -221,10 +242,10 @@ class Scheduler:
 
     def _apply_router(self) -> None:
         current = self.merged_adapter()
-        target = self.router.merged_key([s.adapter for s in self.running], current)
+        target = self.router.merged_key([s.merge_key for s in self.running], current)
         if target == current:
             return
-        slot = None if target is None else next((s.slot for s in self.running if s.adapter == target), None)
+        slot = None if target is None else next((s.slot for s in self.running if s.merge_key == target), None)
         if target is not None and slot is None:  # merged mode: the turn's sequences are not admitted yet
             return
         if slot is not None and not self.slots.mergeable(slot):  # served by side paths only

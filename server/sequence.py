@@ -36,6 +36,20 @@ class RequestStream:
             pass
 
 
+MixKey = tuple[tuple[AdapterIdentity, float], ...]  # a composed request's adapters and weights
+
+
+@dataclass(eq=False)
+class MixPart:
+    """One adapter of a composed sequence: its host copy (leased from acceptance to the end) and, while the
+    sequence is admitted, its device slot."""
+
+    identity: AdapterIdentity
+    weight: float
+    host: HostCopy | None
+    slot: int = -1
+
+
 @dataclass(eq=False)
 class Sequence:
     req: GenerationRequest
@@ -48,7 +62,8 @@ class Sequence:
     host: HostCopy | None = None  # lease on the adapter's host copy, held from acceptance to the end
     output_ids: list[int] = field(default_factory=list)
     block: Block | None = None  # KV arena block while admitted
-    slot: int = -1  # adapter slot while admitted (-1: base model)
+    slot: int = -1  # adapter slot while admitted (-1: base model, or a composition)
+    mix: list[MixPart] = field(default_factory=list)  # a composed request's adapters (then `host` is None)
     fed: int = 0  # positions written to its KV block
     prefill_to: int = 0  # positions to write by prefill before decoding: the prompt, or everything after preemption
     finished: FinishReason | None = None
@@ -57,13 +72,31 @@ class Sequence:
     t_last: float | None = None
 
     @property
-    def adapter(self) -> AdapterIdentity | None:
+    def adapter(self) -> AdapterIdentity | MixKey | None:
+        """What the sequence runs on, as the router groups sequences: an adapter identity, a composition's
+        identities and weights, or None (the base model)."""
+        if self.mix:
+            return tuple((p.identity, p.weight) for p in self.mix)
+        return None if self.req.adapter is None else self.req.adapter.identity
+
+    @property
+    def merge_key(self) -> AdapterIdentity | None:
+        """The adapter that could be folded into the weights for this sequence (None: base or composition)."""
         return None if self.req.adapter is None else self.req.adapter.identity
 
     @property
     def label(self) -> str:
-        """Metric label of the adapter: its name (namespace/id), '' for the base model."""
+        """Metric label of the adapter: its name (namespace/id), '' for the base model, '(composed)' for a
+        composition (one label for all of them: label values stay bounded)."""
+        if self.mix:
+            return "(composed)"
         return "" if self.req.adapter is None else self.req.adapter.key
+
+    @property
+    def describe(self) -> str:
+        if self.mix:
+            return "the composition of " + ", ".join(f"'{p.identity.id}'" for p in self.mix)
+        return "the base model" if self.req.adapter is None else f"adapter '{self.req.adapter.id}'"
 
     @property
     def prompt_len(self) -> int:
@@ -85,6 +118,8 @@ class Sequence:
     def preempted(self) -> None:
         """Its KV block was taken back: every token (outputs too) is prefilled again when it is re-admitted."""
         self.block, self.slot, self.fed, self.prefill_to, self.t_admitted = None, -1, 0, self.length, None
+        for part in self.mix:
+            part.slot = -1
 
     @property
     def length(self) -> int:

@@ -83,7 +83,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_tokens_per_step=settings.max_tokens_per_step,
                         max_waiting=settings.max_waiting, merge_share=settings.merge_share,
                         unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
-                        queue_timeout=settings.queue_timeout, threads=settings.threads)
+                        queue_timeout=settings.queue_timeout, threads=settings.threads,
+                        max_adapters_per_request=settings.max_adapters_per_request)
 
 
 def tenant_policy(settings: Settings, keys: KeyTable | None) -> TenantPolicy:

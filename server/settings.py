@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_loras: int = Field(16, ge=1, description="adapters resident in device slots")
     max_cpu_loras: int = Field(64, ge=0, description="adapters kept in host memory")
     max_rank: int = Field(64, ge=1)
+    max_adapters_per_request: int = Field(4, ge=1, le=16, description="adapters one request may compose "
+                                          "(`adapters`); each takes a device slot while it runs")
     api_keys_file: Path | None = Field(None, description="YAML/JSON keys file; without it the server runs open")
     served_model_name: str | None = Field(None, description="name of the base model (default: the model's name)")
     device: Literal["auto", "cpu", "cuda"] = "auto"

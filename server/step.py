@@ -60,6 +60,7 @@ def _pack(plan: StepPlan, seq: Sequence, chunk: int | None) -> None:
     step.positions += range(pos0, pos0 + n)
     step.blocks += [seq.block] * n
     step.token_slots += [seq.slot] * n
+    step.weighted += [(start, start + n, part.slot, part.weight) for part in seq.mix]
     plan.fed.append((seq, n, chunk is not None))
     if samples:
         step.logits_idx.append(start + n - 1)

@@ -181,3 +181,40 @@ def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_buc
                 assert not torch.isfinite(y[t]).all()
             else:
                 torch.testing.assert_close(y[t].double(), ref[t], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["one_run", "aligned_view", "shuffled", "sparse_gather"])
+@pytest.mark.parametrize("merged", [None, 2])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fp32_into_bf16"])
+def test_weighted_runs_equal_reference(case, merged, y_dtype):
+    """Composed tokens (no single slot; several weighted slots, the merged one among them) beside the case's
+    single-slot tokens, and a weighted run over tokens that have a slot of their own."""
+    A, B, ranks = buffers(3)
+    slots = list(CASES[case])
+    if merged is not None:
+        slots = [merged] * 2 + [s for s in slots if s != merged]
+    n = len(slots)
+    slots += [NO_ADAPTER] * 3
+    weighted = [(n, n + 3, 1, 0.7), (n, n + 3, 4, 0.3), (n + 1, n + 2, 2, -0.5), (0, 2, 5, 1.5)]
+    x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(4))
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, weighted=weighted)
+    assert plan.active == frozenset({0})
+    assert any(p.kind == "bmm" and p.tok_weight is not None for p in plan.parts)  # slots 1 and 4: one bucket
+    views = BufferViews(A, B)
+    shrunk = shrink(x, views, plan)
+    for j in range(M):
+        base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(5)).to(y_dtype)
+        y = base.clone()
+        expand(y, shrunk, j, views, plan)
+        ref = base.double() + lora_reference(x, slots, A, B[j], j, merged_slot=merged, weighted=weighted)
+        if y_dtype == torch.float32:
+            torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+        else:
+            torch.testing.assert_close(y.double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
+
+
+def test_a_weighted_run_alone_activates_its_groups():
+    groups = [frozenset({0}), frozenset({1, 2})] + [frozenset()] * (S - 2)
+    plan = plan_lora([NO_ADAPTER] * 4, [8] * S, slot_groups=groups, weighted=[(1, 3, 1, 0.5)])
+    assert not plan.empty and plan.active == frozenset({1, 2})
+    assert plan.parts[0].weights == (0.5,) and plan.parts[0].runs == ((1, 3, 1),)

@@ -1,4 +1,5 @@
-"""POST /v1/completions and POST /v1/chat/completions (OpenAI-compatible; `model` = adapter id or base name)."""
+"""POST /v1/completions and POST /v1/chat/completions (OpenAI-compatible; `model` = adapter id or base name;
+`adapters` = a weighted composition of adapters on the base model)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from server.api.generation import (
 from server.api.keys import Principal
 from server.api.limits import check_sampling_limits
 from server.api.schemas import ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse
-from server.engine_types import SeqOutput
+from server.engine_types import SeqOutput, WeightedAdapter
 from server.sampling import SamplingParams
 from server.services import Services
 from server.settings import Settings
@@ -44,6 +45,27 @@ def resolve_model(services: Services, principal: Principal, name: str, tenant: s
                        f"'{services.served_model_name}' nor an adapter you can use)", "model_not_found",
                        param="model")
     return record
+
+
+def resolve_adapters(services: Services, principal: Principal, body: CompletionRequest | ChatCompletionRequest,
+                     tenant: str | None) -> tuple[AdapterRecord | None, tuple[WeightedAdapter, ...]]:
+    """The request's adapter, or its composition (`adapters`); 404 for an adapter the caller cannot use."""
+    record = resolve_model(services, principal, body.model, tenant)
+    if body.adapters is None:
+        return record, ()
+    if record is not None:
+        raise APIError(400, f"with `adapters`, `model` must name the base model '{services.served_model_name}', "
+                       f"not the adapter '{body.model}'", param="model")
+    mix = []
+    for i, item in enumerate(body.adapters):
+        found = find_adapter(services.store, principal, item.id, tenant)
+        if found is None:
+            raise APIError(404, f"adapters[{i}]: the adapter '{item.id}' does not exist (or you cannot use it)",
+                           "model_not_found", param=f"adapters[{i}].id")
+        mix.append(WeightedAdapter(found, item.weight))
+    if len(mix) == 1 and mix[0].weight == 1.0:  # one adapter at its own scale: a plain request
+        return mix[0].record, ()
+    return None, tuple(mix)
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, settings: Settings, max_tokens: int,
@@ -127,12 +149,12 @@ async def create_completion(body: CompletionRequest, request: Request, services:
     """OpenAI completions; `prompt` is text, texts, token ids or lists of token ids."""
     if body.echo:
         raise APIError(400, "echo=true is not supported", param="echo")
-    adapter = resolve_model(services, principal, body.model, tenant)
+    adapter, mix = resolve_adapters(services, principal, body, tenant)
     params = sampling_params(body, services.settings, body.max_tokens or 16, body.logprobs)
 
     async def prepare() -> Job:
         prompts = await asyncio.to_thread(_tokenize_prompts, services.model.tokenizer, body.prompt)
-        return Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None)
+        return Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None, mix=mix)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,
@@ -145,7 +167,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """OpenAI chat completions through the base model's chat template."""
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    adapter = resolve_model(services, principal, body.model, tenant)
+    adapter, mix = resolve_adapters(services, principal, body, tenant)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
 
     async def prepare() -> Job:
@@ -155,7 +177,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
             max_tokens = max(1, services.engine.max_model_len - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, services.settings, max_tokens, logprobs)
-        return Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs)
+        return Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs, mix=mix)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,

@@ -24,7 +24,7 @@ from adapters_store.store import AdapterRecord
 from server.api.errors import APIError, error_body, to_api_error
 from server.api.logging import access_record
 from server.engine import Engine
-from server.engine_types import GenerationRequest, SeqOutput, TokenLogprob
+from server.engine_types import GenerationRequest, SeqOutput, TokenLogprob, WeightedAdapter
 from server.sampling import SamplingParams
 from server.services import Services
 
@@ -52,6 +52,14 @@ class Job:
     adapter: AdapterRecord | None
     model: str  # the name the client used, echoed in responses
     want_logprobs: bool
+    mix: tuple[WeightedAdapter, ...] = ()  # a composition of adapters (then `adapter` is None)
+
+    @property
+    def adapter_label(self) -> str | None:
+        """The adapter as the access log names it: its key, or each key of a composition with its weight."""
+        if self.mix:
+            return "+".join(f"{m.record.key}*{m.weight:g}" for m in self.mix)
+        return None if self.adapter is None else self.adapter.key
 
 
 class GenerationRun:
@@ -63,7 +71,7 @@ class GenerationRun:
         self.n = job.params.n
         self.requests = [
             GenerationRequest(request_id=f"{prefix}-{i}", prompt_ids=p, params=job.params, adapter=job.adapter,
-                              tenant=tenant)
+                              tenant=tenant, mix=job.mix)
             for i, p in enumerate(job.prompts)
         ]
         self.prompt_tokens = sum(len(p) for p in job.prompts)
@@ -172,7 +180,7 @@ async def serve_generation(request: Request, services: Services, tenant: str | N
     shape = shape_of(job)
     record = access_record(request)
     if record is not None:
-        record.adapter = job.adapter.key if job.adapter is not None else None
+        record.adapter = job.adapter_label
         record.prompt_tokens = run.prompt_tokens
     cleanup = _Cleanup(run, release)
     try:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.engine_types import MAX_ADAPTER_WEIGHT
 from server.sampling import MAX_LOGPROBS
 
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -21,6 +22,7 @@ MAX_STOP_STRINGS = 16  # --max-stop applies below this
 MAX_STOP_IDS = 64
 MAX_MESSAGES = 1024
 MAX_PARTS = 256  # content parts of one message
+MAX_COMPOSED = 16  # adapters in one `adapters` list (--max-adapters-per-request applies below this)
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Name = Annotated[str, Field(max_length=MAX_NAME)]
@@ -43,12 +45,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class AdapterWeight(BaseModel):
+    id: Name = Field(description="an adapter id (yours first, then a shared one)")
+    weight: float = Field(1.0, ge=-MAX_ADAPTER_WEIGHT, le=MAX_ADAPTER_WEIGHT, allow_inf_nan=False,
+                          description="the factor of this adapter's delta")
+
+
 class _Sampling(BaseModel):
     """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k, min_tokens, ignore_eos, ...)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: Name = Field(description="an adapter id, or the base model's served name")
+    model: Name = Field(description="an adapter id, or the base model's served name (with `adapters`: the "
+                        "base model's served name)")
+    adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_COMPOSED)] | None = Field(
+        None, description="serve the base model plus the weighted sum of these adapters' deltas (one adapter "
+        "with a weight other than 1: that adapter at another scale); `model` must then name the base model")
     temperature: float | None = Field(1.0, ge=0, le=1e6)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off")

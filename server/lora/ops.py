@@ -12,6 +12,7 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
         s = token_slots[t]
         if s >= 0 and s != merged:  y_j[t] += (A[s, :, j] @ x[t]) @ B[j][s]
         if merged is not None and s != merged:  y_j[t] -= (A[merged, :, j] @ x[t]) @ B[j][merged]
+        for (slot, w) in weighted[t]:  y_j[t] += w * (A[slot, :, j] @ x[t]) @ B[j][slot]
 
 The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
 calls these for every group of every layer, a few thousand small products: the buffer views they read are
@@ -89,7 +90,10 @@ def _shrink_part(x: torch.Tensor, views: BufferViews, part: LoraPart) -> ShrunkP
     if part.tok_idx is None:
         xg = x[part.bmm_start : part.bmm_start + g * length].view(g, length, -1)  # [G, L, d_in]
     else:  # the part's tokens in a zeroed buffer: padding rows hold no other row's values
-        xg = x.new_zeros(g * length, x.shape[1]).index_copy_(0, part.pad_pos, x.index_select(0, part.tok_idx))
+        rows = x.index_select(0, part.tok_idx)  # [n, d_in]
+        if part.tok_weight is not None:  # weighted runs: w * x (the delta is linear in x)
+            rows = rows.mul_(part.tok_weight.to(rows.dtype).unsqueeze(1))
+        xg = x.new_zeros(g * length, x.shape[1]).index_copy_(0, part.pad_pos, rows)
         xg = xg.view(g, length, -1)
     xa = torch.bmm(xg, a.transpose(1, 2))  # [G, L, r*M]
     return ShrunkPart([], _members_first(xa, m))
@@ -115,8 +119,9 @@ def shrink(x: torch.Tensor, views: BufferViews, plan: LoraPlan) -> Shrunk:
 def _expand_part(acc: torch.Tensor, s: ShrunkPart, member: int, views: BufferViews, part: LoraPart) -> None:
     r = part.rank
     if s.bmm is None:
-        for (start, end, slot), xa in zip(part.runs, s.runs, strict=True):
-            _add_product(acc[start:end], xa[member], views.b(member, slot, 0, r))
+        weights = part.weights or (1.0,) * len(part.runs)
+        for (start, end, slot), xa, w in zip(part.runs, s.runs, weights, strict=True):
+            _add_product(acc[start:end], xa[member], views.b(member, slot, 0, r), alpha=w)
         return
     g, length = part.groups, part.group_len
     if part.gather_slots is None:

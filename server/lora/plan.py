@@ -6,6 +6,10 @@ pads the rank-4 adapters to 64 (vLLM and LoRAX pad every adapter to the largest 
 bucket, tokens are best packed grouped by slot (the engine sorts its rows by bucket, then slot): each
 slot's tokens then form one contiguous run and the bucket's side paths run as one batched matmul over
 a view of the slot buffers, with no gathering of weights or activations.
+
+A token may also carry weighted slots (a request composing several adapters, or one adapter at a scale
+other than 1): those are planned as weighted runs, `y[t] += w * x[t]·A·B` for each (slot, weight) of the
+token, beside (and on top of) its single slot, if any.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class LoraPart:
     group g reads slot `slot_lo + g` (or `gather_slots[g]`); its rows are the contiguous tokens
     `bmm_start + g*L ... + L` when `tok_idx` is None, else a zeroed [G*L] buffer whose positions `pad_pos`
     hold the tokens `tok_idx` (the other rows stay zero and their results are never written anywhere:
-    no row reads or receives another row's values, whatever a slot's weights hold).
+    no row reads or receives another row's values, whatever a slot's weights hold). A part of weighted runs
+    scales each gathered token by its factor (`tok_weight`); one token may then appear in several groups.
     """
 
     runs: tuple[tuple[int, int, int], ...]  # (start, end, slot), slot >= 0
@@ -59,6 +64,8 @@ class LoraPart:
     bmm_start: int = 0
     tok_idx: torch.Tensor | None = None  # [n] long: the part's tokens
     pad_pos: torch.Tensor | None = None  # [n] long: where each of them sits among the G*L rows
+    weights: tuple[float, ...] | None = None  # kind "runs": the factor of each run's product (None: all 1)
+    tok_weight: torch.Tensor | None = None  # [n] float32, kind "bmm" with tok_idx: each gathered token's factor
 
 
 @dataclass(frozen=True)
@@ -102,36 +109,59 @@ def _split_by_slot_range(runs: list[tuple[int, int, int]], max_ranges: int) -> l
     return split
 
 
-def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, max_pad_ratio: float) -> LoraPart:
+def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, max_pad_ratio: float,
+               weights: list[float] | None = None) -> LoraPart:
     rank = max(slot_ranks[s] for _, _, s in runs)
+    as_runs = LoraPart(runs=tuple(runs), rank=rank, kind="runs", weights=None if weights is None else tuple(weights))
     if len(runs) < 2:
-        return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
+        return as_runs
     per_slot: dict[int, list[int]] = {}
-    for start, end, slot in runs:
+    per_slot_w: dict[int, list[float]] = {}
+    for i, (start, end, slot) in enumerate(runs):
         per_slot.setdefault(slot, []).extend(range(start, end))
+        if weights is not None:
+            per_slot_w.setdefault(slot, []).extend([weights[i]] * (end - start))
     slots = sorted(per_slot)
     length = max(len(v) for v in per_slot.values())
     span = slots[-1] - slots[0] + 1
     dense = span <= 2 * len(slots)
     groups = span if dense else len(slots)
     if groups * length > max_pad_ratio * sum(e - s for s, e, _ in runs) + 8:
-        return LoraPart(runs=tuple(runs), rank=rank, kind="runs")
+        return as_runs
 
     common = dict(runs=tuple(runs), rank=rank, kind="bmm", groups=groups, group_len=length, slot_lo=slots[0])
     gather = None if dense else torch.tensor(slots, dtype=torch.long, device=device)
-    if (groups == len(slots) and all(len(v) == length for v in per_slot.values())
+    if (weights is None and groups == len(slots) and all(len(v) == length for v in per_slot.values())
             and len(ranges([t for s in slots for t in per_slot[s]])) == 1):
         return LoraPart(bmm_start=per_slot[slots[0]][0], gather_slots=gather, **common)
 
     order = list(range(slots[0], slots[-1] + 1)) if dense else slots
-    toks, pos = [], []
+    toks, pos, tok_w = [], [], []
     for g, slot in enumerate(order):
         members = per_slot.get(slot, [])
         toks += members
         pos += range(g * length, g * length + len(members))
+        tok_w += per_slot_w.get(slot, [])
     as_long = dict(dtype=torch.long, device=device)
     return LoraPart(gather_slots=gather, tok_idx=torch.tensor(toks, **as_long), pad_pos=torch.tensor(pos, **as_long),
+                    tok_weight=None if weights is None else torch.tensor(tok_w, dtype=torch.float32, device=device),
                     **common)
+
+
+WeightedRun = tuple[int, int, int, float]  # (start, end, slot, weight): tokens [start, end) add w * their slot's delta
+
+
+def _weighted_parts(weighted: Sequence[WeightedRun], slot_ranks: list[int], device,
+                    max_pad_ratio: float) -> list[LoraPart]:
+    """Weighted runs as parts of their own, one per rank bucket, planned like the others (a batched matmul
+    over gathered tokens, each scaled by its weight, where the padding allows); a token may be in several."""
+    buckets: dict[int, list[WeightedRun]] = {}
+    for run in weighted:
+        if run[1] > run[0]:
+            buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
+    return [_plan_part([(s, e, slot) for s, e, slot, _ in runs], slot_ranks, device, max_pad_ratio,
+                       weights=[float(w) for *_, w in runs])
+            for _, runs in sorted(buckets.items())]
 
 
 def plan_lora(
@@ -139,6 +169,7 @@ def plan_lora(
     slot_ranks: list[int],
     *,
     slot_groups: Sequence[frozenset[int]],
+    weighted: Sequence[WeightedRun] = (),
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
     max_pad_ratio: float = 4.0,
@@ -151,6 +182,8 @@ def plan_lora(
     slot_groups: per slot, the indices of the projection groups its adapter adapts.
     merged_slot: the adapter folded into the weights, if any: its tokens need no side path, and every
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
+    weighted: runs of tokens that add a slot's delta times a weight, whatever their token_slots say (the
+    merged adapter's too: a token that is not the merged adapter's subtracts it in full first).
     A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
     (views of the slot buffers); a more scattered one is one part that gathers its slots' weights.
     """
@@ -170,6 +203,7 @@ def plan_lora(
     parts = tuple(_plan_part(runs, slot_ranks, device, max_pad_ratio)
                   for _, bucket_runs in sorted(buckets.items())
                   for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
+    parts += tuple(_weighted_parts(weighted, slot_ranks, device, max_pad_ratio))
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
     return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
                     active=frozenset().union(*(slot_groups[s] for s in used)))

@@ -1,0 +1,88 @@
+"""Composed requests (`adapters`) over HTTP: the OpenAI package, the Python client, the CLI, and bad inputs."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from http_fixtures import complete, make_settings, thread_server, upload
+
+from client import LoramuxClient
+from client.cli import build_parser
+
+PROMPT = [400 + 13 * k for k in range(10)]
+MIX = [{"id": "c-a1", "weight": 0.7}, {"id": "c-a4", "weight": 0.3}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
+    settings = make_settings(tiny_model_dir, tmp_path_factory.mktemp("store-mix"), max_adapters_per_request=3)
+    with thread_server(settings) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for name in ("a1", "a4", "a0", "a2"):
+                assert upload(c, tiny_adapter_dirs[name], f"c-{name}").status_code == 201
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base_name(client) -> str:
+    return client.get("/v1/models").json()["data"][0]["id"]
+
+
+def tokens(body: dict) -> str:
+    return body["choices"][0]["text"]
+
+
+def test_composition_through_every_client(server, client, base_name):
+    mixed = tokens(complete(client, base_name, PROMPT, adapters=MIX))
+    singles = {tokens(complete(client, name, PROMPT)) for name in ("c-a1", "c-a4", base_name)}
+    assert mixed not in singles  # the composition is neither of its adapters, nor the base model
+
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    c = oa.completions.create(model=base_name, prompt=PROMPT, max_tokens=12, temperature=0,
+                              extra_body={"adapters": MIX})
+    assert c.choices[0].text == mixed and c.model == base_name
+    streamed = oa.completions.create(model=base_name, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                     extra_body={"adapters": MIX})
+    assert "".join(ch.choices[0].text for ch in streamed) == mixed
+    with LoramuxClient(server.url) as lm:
+        assert lm.complete(base_name, PROMPT, max_tokens=12, temperature=0,
+                           adapters={"c-a1": 0.7, "c-a4": 0.3}).text == mixed
+        chat = lm.chat(base_name, [{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+                       adapters=[("c-a1", 0.7), ("c-a4", 0.3)])
+        assert chat.text
+
+
+def test_one_adapter_at_weight_one_is_the_plain_request(client, base_name):
+    plain = tokens(complete(client, "c-a1", PROMPT))
+    assert tokens(complete(client, base_name, PROMPT, adapters=[{"id": "c-a1"}])) == plain
+    assert tokens(complete(client, base_name, PROMPT, adapters=[{"id": "c-a1", "weight": 0.5}])) != plain
+
+
+@pytest.mark.parametrize("model, adapters, status, fragment", [
+    ("c-a1", MIX, 400, "must name the base model"),
+    (None, [{"id": "nope", "weight": 1}], 404, "adapters[0]: the adapter 'nope' does not exist"),
+    (None, [{"id": "c-a1", "weight": 9}], 422, "less than or equal to 8"),
+    (None, [{"id": "c-a1", "weight": 0.5}, {"id": "c-a1", "weight": 0.5}], 400, "names an adapter twice"),
+    (None, [{"id": f"c-{n}", "weight": 0.2} for n in ("a1", "a4", "a0", "a2")], 400, "at most 3 may be composed"),
+    (None, [], 422, "at least 1 item"),
+])
+def test_bad_compositions(client, base_name, model, adapters, status, fragment):
+    body = {"model": model or base_name, "prompt": PROMPT, "max_tokens": 2, "adapters": adapters}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert fragment in r.text
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_cli_parses_adapter_weights():
+    args = build_parser().parse_args(["complete", "base", "hi", "--adapter", "legal=0.7", "--adapter", "ns/fr"])
+    assert args.adapter == [("legal", 0.7), ("ns/fr", 1.0)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["complete", "base", "hi", "--adapter", "legal=much"])
