@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SchedulerConfig:
     mode: Mode = "auto"
-    max_batch_size: int = 32  # running sequences
+    max_batch_size: int = 64  # running sequences
     max_waiting: int = 256
     merge_share: float = 0.75
     unmerge_share: float = 0.5
