@@ -31,7 +31,6 @@ _RE2_OPTIONS.log_errors = False
 
 # Config fields whose non-default value changes what the weights mean; loramux serves plain LoRA only.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -93,6 +92,7 @@ class AdapterConfig:
     layers_pattern: tuple[str, ...] | None
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
+    use_dora: bool = False  # each module also has a magnitude vector (weight-decomposed LoRA)
 
     @classmethod
     def parse(cls, adapter_id: str, data: bytes, limits: ValidationLimits) -> AdapterConfig:
@@ -110,6 +110,9 @@ class AdapterConfig:
         if target_modules is None:
             raise bad("target_modules is missing")
         layers, layers_pattern = _layers(bad, raw)
+        use_dora = raw.get("use_dora", False)
+        if not isinstance(use_dora, bool):
+            raise bad(f"use_dora must be true or false, got {use_dora!r}")
         return cls(
             r=r,
             alpha=alpha,
@@ -120,6 +123,7 @@ class AdapterConfig:
             layers_pattern=layers_pattern,
             rank_pattern=_rank_pattern(bad, raw, limits),
             alpha_pattern=_patterns(bad, "alpha_pattern", raw.get("alpha_pattern"), _is_number),
+            use_dora=use_dora,
         )
 
     def selects(self, key: str) -> bool:

@@ -3,7 +3,8 @@
 An adapter is exactly what PEFT's ``save_pretrained`` writes: ``adapter_config.json``
 and ``adapter_model.safetensors`` with keys such as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (A: [r, d_in])
-and ``...lora_B.weight`` (B: [d_out, r]). Pickle files are never loaded.
+and ``...lora_B.weight`` (B: [d_out, r]); a DoRA adapter (``use_dora``) adds
+``...lora_magnitude_vector`` (m: [d_out]) for each module. Pickle files are never loaded.
 
 The config's rules (which modules, which rank and scale) live in ``config.py``.
 """
@@ -28,10 +29,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 ALLOWED_DTYPES = ("F16", "BF16", "F32")
 
-# PEFT keys: [base_model.model.]<module>.lora_{A,B}[.<adapter name>].weight
+# PEFT keys: [base_model.model.]<module>.lora_{A,B}[.<adapter name>].weight, and for DoRA
+# [base_model.model.]<module>.lora_magnitude_vector[.<adapter name>][.weight]
 _KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$"
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?:(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight"
+    r"|(?P<m>magnitude_vector)(?:\.(?P<mname>[^.]+?))??(?:\.weight)?)$"
 )
+MAX_MAGNITUDE = 1e4  # |entry| of a DoRA magnitude vector (trained ones hold weight-row norms, ~1-100)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LoraWeights:
     A: torch.Tensor  # [r, d_in], CPU, dtype as in the file
     B: torch.Tensor  # [d_out, r]
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA (rank/alpha patterns honoured)
+    magnitude: torch.Tensor | None = None  # DoRA: [d_out]; the module computes m / ||W + scale·B·A||_row ⊙ (W + ...)x
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +69,11 @@ class LoraAdapter:
     target_modules: tuple[str, ...]  # short names present, sorted, e.g. ("k_proj", "q_proj")
     weights: Mapping[str, LoraWeights]  # base-model module name -> weights, sorted by name
     size_bytes: int  # weights file size
+    use_dora: bool = False  # every module has a magnitude vector
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else "lora"
 
 
 def adapter_sha256(config_bytes: bytes, weights_bytes: bytes) -> str:
@@ -144,6 +154,7 @@ def parse_adapter(
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
         weights=types.MappingProxyType(weights),
         size_bytes=len(weights_bytes),
+        use_dora=config.use_dora,
     )
 
 
@@ -153,6 +164,8 @@ class _Pair:
     A: torch.Tensor | None
     b_key: str | None
     B: torch.Tensor | None
+    m_key: str | None = None
+    m: torch.Tensor | None = None
 
 
 def _load_safetensors(adapter_id: str, data: bytes, limits: ValidationLimits) -> dict[str, torch.Tensor]:
@@ -212,11 +225,11 @@ def _pair_tensors(adapter_id: str, tensors: Mapping[str, torch.Tensor]) -> dict[
         if match is None:
             raise invalid(
                 adapter_id,
-                f"unexpected tensor '{key}': expected '<module>.lora_A.weight' or "
-                "'<module>.lora_B.weight' (embedding LoRA, DoRA magnitudes, LoRA biases and "
+                f"unexpected tensor '{key}': expected '<module>.lora_A.weight', '<module>.lora_B.weight' or "
+                "(DoRA) '<module>.lora_magnitude_vector' (embedding LoRA, LoRA biases and "
                 "modules_to_save are not supported)",
             )
-        module, ab = match.group("module"), match.group("ab")
+        module, ab = match.group("module"), match.group("ab") or "m"
         slot = found.setdefault(module, {})
         if ab in slot:
             raise invalid(adapter_id, f"module {module} has two lora_{ab} tensors: '{slot[ab][0]}' and '{key}'")
@@ -227,7 +240,8 @@ def _pair_tensors(adapter_id: str, tensors: Mapping[str, torch.Tensor]) -> dict[
     for module, slot in found.items():
         a_key, a = slot.get("A", (None, None))
         b_key, b = slot.get("B", (None, None))
-        pairs[module] = _Pair(a_key, a, b_key, b)
+        m_key, m = slot.get("m", (None, None))
+        pairs[module] = _Pair(a_key, a, b_key, b, m_key, m)
     return pairs
 
 
@@ -239,7 +253,7 @@ def _check_module(
     config: AdapterConfig,
     limits: ValidationLimits,
 ) -> LoraWeights:
-    any_key = pair.a_key or pair.b_key
+    any_key = pair.a_key or pair.b_key or pair.m_key
     shape = target_shapes.get(module)
     if shape is None:
         raise invalid(adapter_id, f"tensor '{any_key}' is for module '{module}', "
@@ -250,7 +264,9 @@ def _check_module(
                       f"exclude_modules={_show(config.exclude_modules)}, "
                       f"layers_to_transform={_show(config.layers_to_transform)})")
     if pair.A is None or pair.B is None:
-        have, missing = ("lora_A", "lora_B") if pair.B is None else ("lora_B", "lora_A")
+        tensors = (("lora_A", pair.A), ("lora_B", pair.B), ("lora_magnitude_vector", pair.m))
+        have = " and ".join(name for name, t in tensors if t is not None)
+        missing = " and ".join(name for name, t in tensors[:2] if t is None)
         raise invalid(adapter_id, f"module {module} has {have} ('{any_key}') but no {missing}")
     r = _check_shapes(adapter_id, module, pair.A, pair.B, shape, config, limits)
     for key, t in ((pair.a_key, pair.A), (pair.b_key, pair.B)):
@@ -259,7 +275,33 @@ def _check_module(
             raise invalid(adapter_id, f"tensor '{key}' has {bad} NaN/Inf values out of {t.numel()}")
     scale = config.scale_for(module, r)
     _check_magnitude(adapter_id, module, pair.A, pair.B, scale, limits)
-    return LoraWeights(A=pair.A, B=pair.B, scale=scale)
+    return LoraWeights(A=pair.A, B=pair.B, scale=scale, magnitude=_dora_magnitude(adapter_id, module, pair, shape,
+                                                                              config.use_dora))
+
+
+def _dora_magnitude(adapter_id: str, module: str, pair: _Pair, shape: ModuleShape,
+                    use_dora: bool) -> torch.Tensor | None:
+    """The module's DoRA magnitude vector [d_out] (None for plain LoRA), checked: present iff use_dora, shape,
+    finite, within MAX_MAGNITUDE."""
+    m = pair.m
+    if not use_dora:
+        if m is not None:
+            raise invalid(adapter_id, f"tensor '{pair.m_key}' is a DoRA magnitude vector, but the config does not "
+                          "set use_dora=true")
+        return None
+    if m is None:
+        raise invalid(adapter_id, f"module {module} has no lora_magnitude_vector, which use_dora=true requires")
+    if m.ndim != 1 or m.shape[0] != shape.d_out:
+        raise invalid(adapter_id, f"lora_magnitude_vector for {module} has shape {list(m.shape)}, expected "
+                      f"[{shape.d_out}] (d_out)", **_INCOMPATIBLE)
+    bad = int((~torch.isfinite(m)).sum())
+    if bad:
+        raise invalid(adapter_id, f"tensor '{pair.m_key}' has {bad} NaN/Inf values out of {m.numel()}")
+    peak = m.float().abs().max().item()
+    if peak > MAX_MAGNITUDE:
+        raise invalid(adapter_id, f"module {module}: the largest |entry| of its magnitude vector is {peak:.4g}, "
+                      f"above the limit of {MAX_MAGNITUDE:g}")
+    return m
 
 
 def _check_magnitude(adapter_id: str, module: str, A: torch.Tensor, B: torch.Tensor, scale: float,

@@ -60,6 +60,7 @@ class AdapterRecord:
     size_bytes: int
     created_at: float  # time.time() of the upload
     path: Path  # root/<namespace>/<id>
+    kind: str = "lora"  # "lora" or "dora"
 
     @property
     def namespace(self) -> str:
@@ -366,6 +367,7 @@ def _record(
         size_bytes=adapter.size_bytes,
         created_at=created_at,
         path=path,
+        kind=adapter.kind,
     )
 
 

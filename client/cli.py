@@ -22,7 +22,7 @@ from .protocol import DEFAULT_URL
 from .sync import LoramuxClient
 from .types import AdapterInfo
 
-COLUMNS = ("ID", "RANK", "ALPHA", "TARGETS", "SIZE", "RESIDENCY", "PINNED", "IN-FLIGHT", "SERVED")
+COLUMNS = ("ID", "KIND", "RANK", "ALPHA", "TARGETS", "SIZE", "RESIDENCY", "PINNED", "IN-FLIGHT", "SERVED")
 NUMERIC = {"RANK", "ALPHA", "SIZE", "IN-FLIGHT", "SERVED"}
 MAX_TARGETS_WIDTH = 40
 SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -63,7 +63,7 @@ def adapter_table(adapters: Iterable[AdapterInfo]) -> str:
     header = [*COLUMNS, "OWNER"] if with_owner else list(COLUMNS)
     rows = [header]
     for a in adapters:
-        row = [a.id, _cell(a.rank), _cell(a.alpha), _targets(a), _size(a.size_bytes), _cell(a.residency),
+        row = [a.id, _cell(a.kind), _cell(a.rank), _cell(a.alpha), _targets(a), _size(a.size_bytes), _cell(a.residency),
                _cell(a.pinned), _cell(a.in_flight), _cell(a.requests_served)]
         if with_owner:
             row.append(_owner(a))

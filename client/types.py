@@ -103,6 +103,7 @@ class AdapterInfo(_Model):
     """An adapter's metadata and residency; absent fields are None (e.g. in an upload answer)."""
 
     id: str
+    kind: str | None = None  # "lora" or "dora"
     rank: int | None = Field(None, validation_alias=AliasChoices("rank", "r"))
     alpha: float | None = Field(None, validation_alias=AliasChoices("alpha", "lora_alpha"))
     target_modules: list[str] | str | None = Field(None, validation_alias=AliasChoices("target_modules", "targets"))

@@ -242,7 +242,10 @@ class Scheduler:
 
     def _apply_router(self) -> None:
         current = self.merged_adapter()
-        target = self.router.merged_key([s.merge_key for s in self.running], current)
+        keys = [s.merge_key for s in self.running]
+        target = self.router.merged_key(keys, current)
+        if target is not None and any(k != target for k in keys) and self._is_dora(target):
+            target = None  # a merged DoRA adapter runs alone: its fold is not a low-rank delta others could subtract
         if target == current:
             return
         slot = None if target is None else next((s.slot for s in self.running if s.merge_key == target), None)
@@ -257,6 +260,11 @@ class Scheduler:
             log.warning("adapter %s was not merged: its fold came out non-finite; it runs on side paths", target)
         self.metrics.mode_switches.inc()
         self.metrics.swap_seconds.observe(time.perf_counter() - t0)
+
+
+    def _is_dora(self, ident: AdapterIdentity) -> bool:
+        slot = self.slots.slot_of(ident)
+        return slot is not None and slot in self.slots.dora_slots()
 
 
 def _tenants_in_turn(waiting: list[Sequence]) -> list[Sequence]:

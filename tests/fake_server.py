@@ -117,7 +117,7 @@ def _adapter_routes(app: FastAPI) -> None:
             return oai_error(409, f"adapter '{adapter_id}' exists with other content", "adapter_conflict")
         shared = form.get("shared") == "true"
         meta = {"id": adapter_id, "namespace": "shared" if shared else "acme", "shared": shared,
-                "rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
+                "kind": "lora", "rank": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
                 "size_bytes": len(weights), "sha256": sha, "residency": "disk", "pinned": False, "in_flight": 0,
                 "requests_served": 0, "last_used": None}
         app.state.adapters[adapter_id] = meta

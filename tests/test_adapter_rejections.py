@@ -33,7 +33,8 @@ from adapters_store.format import ModuleShape, ValidationLimits
     [
         ({"peft_type": "IA3"}, 400, ["peft_type is 'IA3'", "LORA"]),
         ({"peft_type": None}, 400, ["peft_type is None"]),
-        ({"use_dora": True}, 400, ["use_dora=True", "DoRA"]),
+        ({"use_dora": True}, 400, ["has no lora_magnitude_vector, which use_dora=true requires"]),
+        ({"use_dora": "yes"}, 400, ["use_dora must be true or false"]),
         ({"modules_to_save": ["lm_head"]}, 400, ["modules_to_save=['lm_head']"]),
         ({"bias": "all"}, 400, ["bias='all'"]),
         ({"bias": "lora_only"}, 400, ["bias='lora_only'"]),
@@ -202,7 +203,7 @@ def test_rejects_unknown_module(basic: Saved, llama_shapes: dict[str, ModuleShap
 def test_rejects_unexpected_key(basic: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
     for extra in (
         f"{PREFIX}model.embed_tokens.lora_embedding_A",
-        f"{PREFIX}{Q0}.lora_magnitude_vector.weight",
+        f"{PREFIX}{Q0}.lora_magnitude_vector.weight.extra",
         f"{PREFIX}{Q0}.lora_B.bias",
         f"{PREFIX}lm_head.modules_to_save.default.weight",
     ):
@@ -321,3 +322,37 @@ def test_pathological_patterns_validate_in_linear_time(basic: Saved, llama_shape
     start = time.perf_counter()  # Python's re would take 2^420 steps on this name
     assert not config.selects("model." + "layers." * 60 + "q_proj")
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.fixture(scope="module")
+def dora(tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    from adapter_format_helpers import save_peft, tiny_llama
+
+    return save_peft(tmp_path_factory.mktemp("dora"), tiny_llama(), r=4, lora_alpha=8, use_dora=True,
+                     target_modules=["q_proj", "v_proj"])
+
+
+MAG = f"{PREFIX}{Q0}.lora_magnitude_vector"
+
+
+def test_dora_parses_with_its_magnitudes(dora: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
+    adapter = parse(dora.config, dora.weights, llama_shapes)
+    assert adapter.use_dora and adapter.kind == "dora"
+    layer = dict(dora.model.named_modules())[f"{PREFIX}{Q0}"]
+    assert torch.equal(adapter.weights[Q0].magnitude, layer.lora_magnitude_vector["default"].weight.detach())
+
+
+@pytest.mark.parametrize("change, status, fragment", [
+    (lambda t: t | {MAG: torch.ones(32)}, 422, "has shape [32], expected [64] (d_out)"),
+    (lambda t: t | {MAG: torch.full((64,), float("nan"))}, 400, "has 64 NaN/Inf values"),
+    (lambda t: t | {MAG: torch.full((64,), 3e4)}, 400, "above the limit of 10000"),
+    (lambda t: {k: v for k, v in t.items() if k != MAG}, 400, "no lora_magnitude_vector"),
+    (lambda t: {k: v for k, v in t.items() if "q_proj.lora_" not in k or k == MAG}, 400,
+     "has lora_magnitude_vector"),
+])
+def test_rejects_bad_dora(dora: Saved, llama_shapes: dict[str, ModuleShape], change, status, fragment) -> None:
+    reject(*edit(dora, tensors=change(saved_tensors(dora))), llama_shapes, fragment, status=status)
+
+
+def test_rejects_magnitudes_without_use_dora(dora: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
+    reject(*edit(dora, cfg={"use_dora": False}), llama_shapes, "does not set use_dora=true")

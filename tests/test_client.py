@@ -285,9 +285,10 @@ def test_cli_upload_list_show(run_cli, adapter_dir: Path):
 
     code, out, _ = run_cli("list")
     lines = out.splitlines()
-    assert code == 0 and lines[0].split() == ["ID", "RANK", "ALPHA", "TARGETS", "SIZE", "RESIDENCY", "PINNED",
-                                              "IN-FLIGHT", "SERVED"]
-    assert lines[1].split() == ["alpha-adapter", "8", "16", "q_proj,v_proj", "2.4", "MiB", "disk", "no", "0", "0"]
+    assert code == 0 and lines[0].split() == ["ID", "KIND", "RANK", "ALPHA", "TARGETS", "SIZE", "RESIDENCY",
+                                              "PINNED", "IN-FLIGHT", "SERVED"]
+    assert lines[1].split() == ["alpha-adapter", "lora", "8", "16", "q_proj,v_proj", "2.4", "MiB", "disk", "no", "0",
+                                "0"]
     assert lines[2].split()[0] == "b" and "device" in lines[2] and "yes" in lines[2]
     col = lines[0].index("RESIDENCY")
     assert lines[1][col:].startswith("disk") and lines[2][col:].startswith("device")

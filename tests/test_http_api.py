@@ -210,7 +210,7 @@ BAD_ADAPTERS = {  # kind -> (status, fragment of the error message)
     "rank_above_max": (422, "max rank"),
     "unknown_module": (422, "foo_proj"),
     "wrong_shape": (422, "shape"),
-    "dora": (400, "DoRA"),
+    "dora": (400, "has no lora_magnitude_vector, which use_dora=true requires"),
     "missing_twin": (400, "lora_B"),
     "config_not_json": (400, "JSON"),
     "not_safetensors": (400, "safetensors"),

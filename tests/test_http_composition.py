@@ -6,6 +6,9 @@ import httpx
 import openai
 import pytest
 from http_fixtures import complete, make_settings, thread_server, upload
+from test_dora_engine import SPECS
+from tiny_models import save_peft_adapters
+from transformers import AutoModelForCausalLM
 
 from client import LoramuxClient
 from client.cli import build_parser
@@ -16,11 +19,14 @@ MIX = [{"id": "c-a1", "weight": 0.7}, {"id": "c-a4", "weight": 0.3}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dora = save_peft_adapters(base, {"dora": SPECS["d1"]}, tmp_path_factory.mktemp("dora"), b_std=0.5)["dora"]
     settings = make_settings(tiny_model_dir, tmp_path_factory.mktemp("store-mix"), max_adapters_per_request=3)
     with thread_server(settings) as srv:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             for name in ("a1", "a4", "a0", "a2"):
                 assert upload(c, tiny_adapter_dirs[name], f"c-{name}").status_code == 201
+            assert upload(c, dora, "c-dora").status_code == 201
         yield srv
 
 
@@ -72,6 +78,7 @@ def test_one_adapter_at_weight_one_is_the_plain_request(client, base_name):
     (None, [{"id": "c-a1", "weight": 0.5}, {"id": "c-a1", "weight": 0.5}], 400, "names an adapter twice"),
     (None, [{"id": f"c-{n}", "weight": 0.2} for n in ("a1", "a4", "a0", "a2")], 400, "at most 3 may be composed"),
     (None, [], 422, "at least 1 item"),
+    (None, [{"id": "c-dora", "weight": 0.5}], 400, "'c-dora' is a DoRA adapter, which cannot be composed"),
 ])
 def test_bad_compositions(client, base_name, model, adapters, status, fragment):
     body = {"model": model or base_name, "prompt": PROMPT, "max_tokens": 2, "adapters": adapters}
@@ -86,3 +93,12 @@ def test_cli_parses_adapter_weights():
     assert args.adapter == [("legal", 0.7), ("ns/fr", 1.0)]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["complete", "base", "hi", "--adapter", "legal=much"])
+
+
+def test_listing_shows_each_kind(client, base_name):
+    kinds = {a["id"]: a["kind"] for a in client.get("/v1/adapters").json()["data"]}
+    assert kinds == {"c-a1": "lora", "c-a4": "lora", "c-a0": "lora", "c-a2": "lora", "c-dora": "dora"}
+    def first_logprob(model: str) -> float:
+        return complete(client, model, PROMPT, logprobs=0)["choices"][0]["logprobs"]["token_logprobs"][0]
+
+    assert abs(first_logprob("c-dora") - first_logprob(base_name)) > 1e-3  # the DoRA adapter is applied

@@ -46,7 +46,7 @@ class FakeDevice:
         self.calls.append(("clear", slot))
         self.contents[slot] = None
 
-    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int], dora: bool = False) -> None:
         self.calls.append(("fold", slot, rank, groups))
         self.folded = slot
 

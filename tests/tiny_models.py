@@ -49,6 +49,15 @@ SERVING_ADAPTERS: dict[str, dict] = {  # eight adapters for engine and HTTP test
     ])
 }
 
+DORA_LLAMA: dict[str, dict] = {
+    "dora_attn_r4": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj"]),
+    "dora_all_r8": dict(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear"),
+}
+DORA_GPT2: dict[str, dict] = {  # c_attn and c_fc have biases: the rescale keeps them
+    "dora_attn_r4": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn"]),
+    "dora_mlp_r8": dict(r=8, lora_alpha=16, use_dora=True, target_modules=["c_fc", "mlp.c_proj"]),
+}
+
 GPT2_ADAPTERS: dict[str, dict] = {
     "attn_r4": dict(r=4, lora_alpha=8, target_modules=["c_attn"]),
     "mlp_r8": dict(r=8, lora_alpha=16, target_modules=["c_fc", "mlp.c_proj"]),
@@ -80,6 +89,8 @@ def save_peft_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, b_std)
+                elif "lora_magnitude_vector" in n:  # DoRA: magnitudes away from the initial weight norms
+                    p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
         dirs[name] = root / name
         model.save_pretrained(dirs[name])
     return dirs

@@ -39,7 +39,8 @@ def adapter_info(residency: Residency, record: AdapterRecord) -> dict:
     info = residency.info(record)
     last_used = None if info.last_used is None else time.time() - (time.monotonic() - info.last_used)
     return AdapterInfo(
-        id=record.id, namespace=record.namespace, shared=record.namespace == SHARED, rank=record.rank,
+        id=record.id, namespace=record.namespace, shared=record.namespace == SHARED, kind=record.kind,
+        rank=record.rank,
         alpha=record.alpha, target_modules=list(record.target_modules), size_bytes=record.size_bytes,
         sha256=record.sha256, created_at=record.created_at, residency=info.tier, pinned=info.pinned,
         in_flight=info.in_flight, requests_served=info.served, last_used=last_used,

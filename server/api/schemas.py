@@ -197,6 +197,7 @@ class AdapterInfo(BaseModel):
     object: Literal["adapter"] = "adapter"
     namespace: str = Field(description="the owning tenant, or 'shared'")
     shared: bool
+    kind: Literal["lora", "dora"] = Field(description="lora, or dora (weight-decomposed: LoRA plus a magnitude)")
     rank: int
     alpha: float
     target_modules: list[str]

@@ -9,23 +9,32 @@ computed once for all of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from adapters_store.errors import AdapterValidationError
 from adapters_store.format import LoraAdapter, ModuleShape
 from server.gemm import PackedLinear
-from server.lora.ops import BufferViews, expand, shrink
+from server.lora.ops import BufferViews, expand, rescale, shrink
 from server.step_context import ForwardContext
+
+MAX_DORA_SCALE = 1024.0  # |m / ||W + s·B·A|| | of a DoRA module against the base model it is served on
 
 
 class ProjectionGroup:
     """Slot buffers of M projections that read the same input, and their side paths.
 
     A: [S, r_max, M, d_in]; B[j]: [S, r_max, d_out_j] (B transposed, pre-scaled by the module's scale).
+    DoRA: G[j]: [S, d_out_j] the row scales m / ||W0 + s·B·A||_row (1 for other slots), and, for a projection
+    with a bias b, C[j] = b·(1 - G[j]); a DoRA token's output is then y·G + C = b + G ⊙ (W0·x + s·B·A·x),
+    PEFT's DoRA forward (its norm is computed once, when the adapter enters the slot).
     """
 
     def __init__(self, index: int, names: list[str], shapes: list[ModuleShape], n_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, context: ForwardContext):
+                 device: torch.device, dtype: torch.dtype, context: ForwardContext,
+                 biases: list[torch.Tensor | None] | None = None):
         self.index = index
         self.names = names
         self.shapes = shapes
@@ -33,27 +42,51 @@ class ProjectionGroup:
         kw = dict(device=device, dtype=dtype)
         self.A = torch.zeros(n_slots, max_rank, len(names), shapes[0].d_in, **kw)
         self.B = [torch.zeros(n_slots, max_rank, sh.d_out, **kw) for sh in shapes]
+        self.G = [torch.ones(n_slots, sh.d_out, **kw) for sh in shapes]
+        self.biases = biases or [None] * len(names)
+        self.C = [None if b is None else torch.zeros(n_slots, sh.d_out, **kw)
+                  for b, sh in zip(self.biases, shapes, strict=True)]
         self.views = BufferViews(self.A, self.B)
 
-    def write(self, slot: int, adapter: LoraAdapter) -> bool:
-        """Copy the adapter's weights of this group's members into `slot`; False if it adapts none of them."""
-        self.A[slot].zero_()
+    def write(self, slot: int, adapter: LoraAdapter, original: Callable[[str], torch.Tensor]) -> bool:
+        """Copy the adapter's weights of this group's members into `slot` (and, for DoRA, compute their row
+        scales against `original(name)`, the unmerged base weight); False if it adapts none of them."""
+        self.clear(slot)
         found = False
         for j, name in enumerate(self.names):
-            self.B[j][slot].zero_()
             w = adapter.weights.get(name)
             if w is None:
                 continue
             r = w.A.shape[0]
             self.A[slot, :r, j].copy_(w.A)
             self.B[j][slot, :r].copy_(w.B.float().mul(w.scale).T)
+            if w.magnitude is not None:
+                self._write_dora(j, slot, w, original(name), adapter.id)
             found = True
         return found
 
+    def _write_dora(self, j: int, slot: int, w, weight: torch.Tensor, adapter_id: str) -> None:
+        w0 = weight.detach().float()
+        if self.shapes[j].fan_in_fan_out:  # Conv1D stores [d_in, d_out]
+            w0 = w0.T
+        norm = torch.linalg.vector_norm(torch.addmm(w0, w.B.float(), w.A.float(), alpha=w.scale), dim=1)  # [d_out]
+        g = w.magnitude.float() / norm
+        if not torch.isfinite(g).all() or g.abs().max().item() > MAX_DORA_SCALE:
+            raise AdapterValidationError(
+                f"adapter '{adapter_id}': module {self.names[j]}: its DoRA scale m / ||W + scale·B·A|| reaches "
+                f"{g.abs().max().item():.4g} on this base model (limit {MAX_DORA_SCALE:g})", status=422,
+                code="adapter_incompatible")
+        self.G[j][slot].copy_(g)
+        if self.C[j] is not None:
+            self.C[j][slot].copy_(self.biases[j].detach().float() * (1 - g))
+
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
-        for b in self.B:
+        for b, g, c in zip(self.B, self.G, self.C, strict=True):
             b[slot].zero_()
+            g[slot].fill_(1.0)
+            if c is not None:
+                c[slot].zero_()
 
     def apply(self, member: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base projection of x) plus this member's side paths for the step in progress."""
@@ -63,7 +96,10 @@ class ProjectionGroup:
         plan = ctx.lora
         x2 = x.reshape(-1, x.shape[-1])  # [N, d_in]
         shrunk = ctx.shared(self.index, x, lambda: shrink(x2.to(self.A.dtype), self.views, plan))
-        expand(y.view(-1, y.shape[-1]), shrunk, member, self.views, plan)
+        y2 = y.view(-1, y.shape[-1])  # [N, d_out]
+        expand(y2, shrunk, member, self.views, plan)
+        if plan.rescale is not None and self.index in plan.rescale_groups:
+            rescale(y2, plan.rescale, self.G[member], self.C[member])
         return y
 
 

@@ -5,7 +5,9 @@ every swap. Here the original weight of every projection an adapter touches is k
 "golden" copy, made the first time that projection is merged), and a swap writes
 `W = golden + D'` in one pass. Restoring is a copy, so weights equal the originals bitwise after any
 number of swaps. A swap is one fused pass per projection, `addmm(golden, B, A, out=W)`. Cost: one extra
-copy of the merged projections' weights, only once something merges.
+copy of the merged projections' weights, only once something merges. A DoRA slot folds as PEFT merges it,
+`W = G ⊙ (golden + D)` with its row scales G (its rows then need nothing more; others could not be
+corrected by a low-rank subtraction, so a merged DoRA adapter runs alone).
 
 A fold whose weights come out non-finite (an adapter poisoned in memory; uploads are checked for
 magnitudes) is undone and refused: merged weights are read by every row of a batch.
@@ -37,9 +39,14 @@ class MergedWeights:
         self._golden: dict[str, torch.Tensor] = {}
         self._touched: set[str] = set()  # projections currently differing from golden
 
+    def original(self, name: str) -> torch.Tensor:
+        """The projection's weight as loaded (its golden copy while something is merged into it)."""
+        return self._golden.get(name, self._modules[name].weight)
+
     @torch.no_grad()
-    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
-        """Make the weights hold `golden + delta(slot)` for the members of `groups` (plain golden for None)."""
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int], dora: bool = False) -> None:
+        """Make the weights hold `golden + delta(slot)` for the members of `groups` (plain golden for None);
+        `dora`: times the slot's row scales."""
         targets = {} if slot is None else {
             name: (g, j) for g in self._groups if g.index in groups for j, name in enumerate(g.names)}
         restored = self._touched - targets.keys()
@@ -50,6 +57,9 @@ class MergedWeights:
             if name not in self._golden:
                 self._golden[name] = w.detach().clone()
             self._write_merged(name, group, member, slot, rank, w)
+            if dora:
+                g = group.G[member][slot].to(w.dtype)  # [d_out]
+                w.mul_(g.unsqueeze(0) if self._shapes[name].fan_in_fan_out else g.unsqueeze(1))
         self._touched = set(targets)
         bad = [name for name in targets if not torch.isfinite(self._modules[name].weight).all()]
         if bad:

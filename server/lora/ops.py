@@ -146,3 +146,13 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
         _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
     if mixed:
         y.add_(acc)
+
+
+def rescale(y: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor], G: torch.Tensor,
+            C: torch.Tensor | None) -> None:
+    """DoRA rows, in place: y[t] = y[t] * G[slot_t] (+ C[slot_t]) for tokens (tok_idx [n], slot_idx [n])."""
+    tok, slot = tokens
+    rows = y.index_select(0, tok).to(G.dtype) * G.index_select(0, slot)  # [n, d_out]
+    if C is not None:
+        rows += C.index_select(0, slot)
+    y.index_copy_(0, tok, rows.to(y.dtype))

@@ -78,6 +78,8 @@ class LoraPlan:
     subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
     subtract_rank: int
     active: frozenset[int]  # indices of the projection groups with work this step
+    rescale: tuple[torch.Tensor, torch.Tensor] | None = None  # DoRA tokens: (token index [n], slot [n]) long
+    rescale_groups: frozenset[int] = frozenset()  # the groups those tokens' adapters adapt
 
     @property
     def empty(self) -> bool:
@@ -170,6 +172,7 @@ def plan_lora(
     *,
     slot_groups: Sequence[frozenset[int]],
     weighted: Sequence[WeightedRun] = (),
+    dora_slots: frozenset[int] = frozenset(),
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
     max_pad_ratio: float = 4.0,
@@ -184,6 +187,8 @@ def plan_lora(
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
     weighted: runs of tokens that add a slot's delta times a weight, whatever their token_slots say (the
     merged adapter's too: a token that is not the merged adapter's subtracts it in full first).
+    dora_slots: slots holding DoRA adapters: their tokens' outputs are rescaled after the side paths (a merged
+    DoRA adapter is folded with its scales, so it runs alone: no other token may be in the step then).
     A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
     (views of the slot buffers); a more scattered one is one part that gathers its slots' weights.
     """
@@ -204,6 +209,17 @@ def plan_lora(
                   for _, bucket_runs in sorted(buckets.items())
                   for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
     parts += tuple(_weighted_parts(weighted, slot_ranks, device, max_pad_ratio))
+    if dora_slots:
+        if subtract is not None and merged_slot in dora_slots:
+            raise ValueError(f"slot {merged_slot} (DoRA) is merged: no other adapter's tokens may run beside it")
+        if any(slot in dora_slots for _, _, slot, _ in weighted):
+            raise ValueError("a DoRA adapter cannot be composed or scaled (its rescale is not linear)")
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
+    dora = [(t, s) for t, s in enumerate(token_slots) if s in dora_slots and s != merged_slot]
+    rescale = None
+    if dora:
+        as_long = dict(dtype=torch.long, device=device)
+        rescale = (torch.tensor([t for t, _ in dora], **as_long), torch.tensor([s for _, s in dora], **as_long))
     return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
-                    active=frozenset().union(*(slot_groups[s] for s in used)))
+                    active=frozenset().union(*(slot_groups[s] for s in used)), rescale=rescale,
+                    rescale_groups=frozenset().union(*(slot_groups[s] for _, s in dora)) if dora else frozenset())

@@ -61,8 +61,9 @@ class LoraRuntime:
         for names in shared_input_groups(model, self.modules):
             if len({self.shapes[n].d_in for n in names}) > 1:  # cannot happen for one input tensor
                 raise ValueError(f"projections {names} read one input but differ in d_in")
+            biases = [getattr(self.modules[n], "bias", None) for n in names]
             group = ProjectionGroup(len(self.groups), names, [self.shapes[n] for n in names], n_slots, max_rank,
-                                    self.device, self.dtype, context)
+                                    self.device, self.dtype, context, biases)
             self.groups.append(group)
             for member, name in enumerate(names):
                 base = self.modules[name]
@@ -80,15 +81,15 @@ class LoraRuntime:
     # SlotDevice of server.lora.slots
     @torch.no_grad()
     def write_slot(self, slot: int, adapter: LoraAdapter) -> frozenset[int]:
-        return frozenset(g.index for g in self.groups if g.write(slot, adapter))
+        return frozenset(g.index for g in self.groups if g.write(slot, adapter, self.merged.original))
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         for group in self.groups:
             group.clear(slot)
 
-    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
-        self.merged.fold(slot, rank, groups)
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int], dora: bool = False) -> None:
+        self.merged.fold(slot, rank, groups, dora)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -39,9 +39,9 @@ class SlotDevice(Protocol):
     def clear_slot(self, slot: int) -> None:
         """Zero the slot so that it contributes nothing."""
 
-    def fold(self, slot: int | None, rank: int, groups: frozenset[int]) -> None:
-        """Make the base weights hold the slot's delta (exactly the originals for None); MergeRefused, with the
-        weights left at the originals, when that would make them non-finite."""
+    def fold(self, slot: int | None, rank: int, groups: frozenset[int], dora: bool = False) -> None:
+        """Make the base weights hold the slot's delta (exactly the originals for None; `dora`: with its row
+        scales); MergeRefused, with the weights left at the originals, when that would make them non-finite."""
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Slot:
     merged: bool = False  # folded into the base weights
     mergeable: bool = True  # False once a fold was refused (non-finite weights): served by side paths only
     draining: bool = False  # evicted while in use: cleared when idle, never handed out again
+    dora: bool = False  # a DoRA adapter: its tokens are rescaled; merged, it must run alone
 
     @property
     def busy(self) -> bool:
@@ -165,7 +166,8 @@ class SlotTable:
                 return False
             refused = False
             try:
-                self._device.fold(slot, entry.rank if entry else 0, entry.groups if entry else frozenset())
+                self._device.fold(slot, entry.rank if entry else 0, entry.groups if entry else frozenset(),
+                                  entry.dora if entry else False)
             except MergeRefused:
                 entry.mergeable, refused = False, True
             if current is not None:
@@ -191,6 +193,11 @@ class SlotTable:
         """Rank held by each slot (0 when empty)."""
         with self._lock:
             return [e.rank if e is not None else 0 for e in self._slots]
+
+    def dora_slots(self) -> frozenset[int]:
+        """Slots holding DoRA adapters."""
+        with self._lock:
+            return frozenset(s for s, e in enumerate(self._slots) if e is not None and e.dora)
 
     def groups(self) -> list[frozenset[int]]:
         """Projection groups each slot's adapter adapts (empty when the slot is)."""
@@ -250,7 +257,7 @@ class SlotTable:
         self._stats.load_seconds_total += elapsed
         if self._on_load is not None:
             self._on_load(elapsed)
-        self._slots[slot] = Slot(ident, adapter.rank, groups)
+        self._slots[slot] = Slot(ident, adapter.rank, groups, dora=adapter.use_dora)
         self._live[ident] = slot
         return slot
 
