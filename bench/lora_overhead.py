@@ -5,7 +5,9 @@ down) at prefill (64 tokens) and at one decode step over a 256-token KV cache, a
 base model's time for the same batch (ours: our runner with no adapter; PEFT: adapters disabled);
 merged swap vs PEFT unmerge_adapter + merge_adapter; cold load from the store to a device slot;
 decode rows composing two adapters (per-request weighted composition) against rows of one adapter and
-against serving the two adapters as two rows (PEFT cannot batch compositions: it merges a new adapter).
+against serving the two adapters as two rows (PEFT cannot batch compositions: it merges a new adapter);
+batches mixing LoRA, DoRA and composed rows against plain LoRA rows of equal rank (PEFT's mixed batches
+refuse DoRA).
 Ours with and without adapters and PEFT's mixed batch are timed in rotation (medians over the
 repetitions), so that drift hits every side of their ratios alike.
 
@@ -110,6 +112,32 @@ def measure_composition(runner: ModelRunner, slots: list[int], ids: torch.Tensor
             f"{dtype}_decode_b{b}_composed2_vs_two_rows": t_composed / t_two_rows}
 
 
+def measure_kinds(runner: ModelRunner, slots: list[int], dora: list[int], ids: torch.Tensor, b: int, reps: int,
+                  dtype: str) -> dict[str, float]:
+    """A decode batch of b rows mixing kinds (3/8 LoRA, 3/8 DoRA, 1/4 composing two LoRA adapters), all rank 16,
+    against b rows of plain LoRA adapters of the same rank; prefill likewise (64 tokens a row)."""
+    n_mix = b // 4
+    n_dora = (b - n_mix) // 2
+    n_lora = b - n_mix - n_dora
+    kinds = slots[:n_lora] + dora[:n_dora] + [-1] * n_mix
+    weighted = [(r, r + 1, slots[(2 * k + i) % len(slots)], 0.5)
+                for k, r in enumerate(range(n_lora + n_dora, b)) for i in range(2)]
+
+    def mixed(step: StepInput, per_row: int) -> torch.Tensor:
+        step.weighted = [(s * per_row, e * per_row, slot, w) for s, e, slot, w in weighted]
+        return runner.forward(step)
+
+    runner.forward(prefill_step(b, [-1] * b, KV, ids))
+    t_lora, t_mixed = rotated_times([
+        lambda: runner.forward(decode_step(b, slots[:b], ids)),
+        lambda: mixed(decode_step(b, kinds, ids), 1)], reps * 2)
+    p_lora, p_mixed = rotated_times([
+        lambda: runner.forward(prefill_step(b, slots[:b], PREFILL, ids)),
+        lambda: mixed(prefill_step(b, kinds, PREFILL, ids), PREFILL)], reps)
+    return {f"{dtype}_decode_b{b}_mixed_kinds_vs_lora": t_mixed / t_lora,
+            f"{dtype}_prefill_b{b}_mixed_kinds_vs_lora": p_mixed / p_lora}
+
+
 def swap_times(runner: ModelRunner, peft, names: list[str], slots: list[int], reps: int) -> tuple[float, float]:
     """Median time of one merged swap between two adapters: ours, and PEFT's unmerge + merge."""
     state = {"i": 0}
@@ -138,15 +166,22 @@ def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True)
     loaded = load_default(dtype)
     n_adapters = max(batches)
     specs = {f"r16_{i}": dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR) for i in range(n_adapters)}
-    peft = make_peft(loaded.model, specs)
+    n_dora = n_adapters // 2
+    dora_specs = {f"dora16_{i}": dict(r=16, lora_alpha=32, use_dora=True, target_modules=ALL_LINEAR)
+                  for i in range(n_dora)}
+    peft = make_peft(loaded.model, specs | dora_specs)
     names = list(specs)
-    runner = ModelRunner(loaded.model, max_loras=n_adapters, max_rank=16, max_model_len=512,
+    runner = ModelRunner(loaded.model, max_loras=n_adapters + n_dora, max_rank=16, max_model_len=512,
                          kv_tokens=n_adapters * 512, prepack=prepack)
     slots, idents = [], []
     for name in names:
         adapter = parsed(peft, name, runner.lora.shapes)
         idents.append(AdapterIdentity(SHARED, name, adapter.sha256))
         slots.append(runner.slots.pin(idents[-1], adapter))
+    dora = []
+    for name in dora_specs:
+        adapter = parsed(peft, name, runner.lora.shapes)
+        dora.append(runner.slots.pin(AdapterIdentity(SHARED, name, adapter.sha256), adapter))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (n_adapters, KV + 1), generator=g)
     out: dict[str, float] = {}
@@ -155,6 +190,7 @@ def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True)
             out.update(measure_batch(runner, peft, names, slots, ids, b, reps, dtype))
         for b in sorted({min(batches), max(batches) // 2}):
             out.update(measure_composition(runner, slots, ids, b, reps, dtype))
+            out.update(measure_kinds(runner, slots, dora, ids, b, reps, dtype))
         decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
         t_swap, p_swap = swap_times(runner, peft, names, slots, reps)
         out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap
