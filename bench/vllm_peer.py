@@ -59,15 +59,11 @@ def _parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def main() -> None:
-    args = _parse_args()
-    _ensure_env()
-
-    from vllm import LLM, SamplingParams
+def _requests(args, spec: dict) -> tuple[list, list, dict[str, int]]:
+    """(token prompts, LoRA request per prompt or None, adapter name -> LoRA int id) from the spec file."""
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    spec = json.loads(args.requests.read_text())
     prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in spec["prompts"]]
     names = spec.get("adapters") or [None] * len(prompts)
     if len(names) != len(prompts):
@@ -78,21 +74,22 @@ def main() -> None:
     missing = [n for n in ids if n not in dirs]
     if lora_on and missing:
         raise SystemExit(f"adapter_dirs lacks {missing}")
-    reqs = [LoRARequest(n, ids[n], dirs[n]) if (lora_on and n) else None for n in names]
-    max_tokens = int(spec.get("max_tokens", 32))
+    return prompts, [LoRARequest(n, ids[n], dirs[n]) if (lora_on and n) else None for n in names], ids
 
-    llm = LLM(
-        model=args.model,
-        dtype=args.dtype,
-        enable_lora=lora_on,
-        max_loras=16,
-        max_lora_rank=64,
-        max_num_seqs=64,
-        max_model_len=256,
-        seed=0,
-        enforce_eager=args.eager,
-        kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)),
-    )
+
+def main() -> None:
+    args = _parse_args()
+    _ensure_env()
+
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(args.requests.read_text())
+    prompts, reqs, ids = _requests(args, spec)
+    lora_on = args.lora == "on"
+    max_tokens = int(spec.get("max_tokens", 32))
+    llm = LLM(model=args.model, dtype=args.dtype, enable_lora=lora_on, max_loras=16, max_lora_rank=64,
+              max_num_seqs=64, max_model_len=256, seed=0, enforce_eager=args.eager,
+              kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)))
 
     def run(n_prompts: int, n_tokens: int) -> list:
         sp = SamplingParams(temperature=0, max_tokens=n_tokens, ignore_eos=True)
@@ -111,21 +108,11 @@ def main() -> None:
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         tok_s.append(n_out / wall)
         print(f"pass {rep + 1}/{args.reps}: {n_out} tokens in {wall:.3f}s = {tok_s[-1]:.1f} tok/s", flush=True)
-
-    result = {
-        "tok_s": tok_s,
-        "tok_s_median": statistics.median(tok_s) if tok_s else None,
-        "tokens": [list(o.outputs[0].token_ids) for o in outs],
-        "config": {
-            "dtype": args.dtype,
-            "lora": args.lora,
-            "eager": args.eager,
-            "prompts": len(prompts),
-            "max_tokens": max_tokens,
-            "adapters": len(ids) if lora_on else 0,
-            "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-        },
-    }
+    config = {"dtype": args.dtype, "lora": args.lora, "eager": args.eager, "prompts": len(prompts),
+              "max_tokens": max_tokens, "adapters": len(ids) if lora_on else 0,
+              "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
+    result = {"tok_s": tok_s, "tok_s_median": statistics.median(tok_s) if tok_s else None,
+              "tokens": [list(o.outputs[0].token_ids) for o in outs], "config": config}
     if args.json:
         args.json.write_text(json.dumps(result))
     print(json.dumps({k: result[k] for k in ("tok_s", "tok_s_median", "config")}))
