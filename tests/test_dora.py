@@ -121,6 +121,34 @@ def test_planner_refuses_weighted_dora():
     with pytest.raises(ValueError, match="cannot be composed"):
         plan_lora([-1, -1], [8] * 4, slot_groups=groups, weighted=[(0, 2, 1, 0.5)], dora_slots=frozenset({1}))
     plan = plan_lora([1, 1, 2, -1], [8] * 4, slot_groups=groups, dora_slots=frozenset({1}))
-    assert plan.rescale[0].tolist() == [0, 1] and plan.rescale[1].tolist() == [1, 1]
+    assert plan.rescale.tok.tolist() == [0, 1] and plan.rescale.slot.tolist() == [1, 1]
+    assert plan.rescale.runs == ((0, 2, 1),) and plan.rescale.span == (0, 2)
     assert plan.rescale_groups == frozenset({0})
+    scattered = plan_lora([1, 2, 3, 1], [8] * 4, slot_groups=groups, dora_slots=frozenset({1, 3}))
+    assert scattered.rescale.tok.tolist() == [0, 2, 3] and scattered.rescale.span is None
     assert block(0).start == 0
+
+
+@pytest.mark.parametrize("token_slots", [
+    [1, 1, 2, -1, 3, 3],  # two DoRA runs: scaled in place
+    [1, 3, 1, 3, 1, 3, 0, 0],  # six runs, one span
+    [1, 0, 3, 0, 1, 2, 3, 0, 1, 3],  # six runs, scattered
+], ids=["runs", "span", "scattered"])
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_rescale_paths_equal_a_loop(token_slots, y_dtype, bias):
+    from server.lora.ops import rescale
+
+    gen = torch.Generator().manual_seed(0)
+    G, C = torch.rand(4, 12, generator=gen) + 0.5, torch.randn(4, 12, generator=gen) if bias else None
+    y = torch.randn(len(token_slots), 12, generator=gen).to(y_dtype)
+    plan = plan_lora(token_slots, [8] * 4, slot_groups=[frozenset({0})] * 4, dora_slots=frozenset({1, 3}))
+    want = y.double().clone()
+    for t, s in enumerate(token_slots):
+        if s in (1, 3):
+            want[t] = want[t] * G[s].double() + (C[s].double() if bias else 0)
+    got = y.clone()
+    rescale(got, plan.rescale, G, C)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 if y_dtype == torch.float32 else 2e-2, rtol=1e-2)
+    untouched = [t for t, s in enumerate(token_slots) if s not in (1, 3)]
+    assert torch.equal(got[untouched], y[untouched])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.lora.plan import LoraPart, LoraPlan
+from server.lora.plan import LoraPart, LoraPlan, Rescale
 
 
 @dataclass
@@ -148,11 +148,23 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
         y.add_(acc)
 
 
-def rescale(y: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor], G: torch.Tensor,
-            C: torch.Tensor | None) -> None:
-    """DoRA rows, in place: y[t] = y[t] * G[slot_t] (+ C[slot_t]) for tokens (tok_idx [n], slot_idx [n])."""
-    tok, slot = tokens
-    rows = y.index_select(0, tok).to(G.dtype) * G.index_select(0, slot)  # [n, d_out]
+def rescale(y: torch.Tensor, r: Rescale, G: torch.Tensor, C: torch.Tensor | None) -> None:
+    """DoRA rows, in place: y[t] = y[t] * G[slot_t] (+ C[slot_t]) for the plan's DoRA tokens.
+
+    y: [N, d_out]; G, C: [S, d_out] (the side-path dtype). A few runs are scaled in place by their slot's row;
+    otherwise the rows are gathered (or sliced, for one span), scaled and written back."""
+    if len(r.runs) <= 4 and y.dtype == G.dtype:
+        for start, end, slot in r.runs:
+            y[start:end].mul_(G[slot])
+            if C is not None:
+                y[start:end].add_(C[slot])
+        return
+    g = G.index_select(0, r.slot)  # [n, d_out]
+    rows = y[r.span[0] : r.span[1]] if r.span is not None else y.index_select(0, r.tok)
+    out = rows.to(G.dtype).mul(g)
     if C is not None:
-        rows += C.index_select(0, slot)
-    y.index_copy_(0, tok, rows.to(y.dtype))
+        out.add_(C.index_select(0, r.slot))
+    if r.span is not None:
+        rows.copy_(out)
+    else:
+        y.index_copy_(0, r.tok, out.to(y.dtype))

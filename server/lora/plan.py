@@ -69,6 +69,18 @@ class LoraPart:
 
 
 @dataclass(frozen=True)
+class Rescale:
+    """The DoRA tokens of a step: token t's outputs are multiplied by its slot's row scales (plus the bias
+    term). `runs` are their maximal (start, end, slot) runs; `span` is (lo, hi) when they are exactly the
+    tokens lo..hi-1 (the engine packs a bucket's slots together, so they usually are)."""
+
+    tok: torch.Tensor  # [n] long
+    slot: torch.Tensor  # [n] long
+    runs: tuple[tuple[int, int, int], ...]
+    span: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
 class LoraPlan:
     """Side-path plan of one step (N packed tokens): one part per rank bucket, the merged adapter to
     subtract from the tokens that are not its own, and the projection groups any of them adapts."""
@@ -78,7 +90,7 @@ class LoraPlan:
     subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
     subtract_rank: int
     active: frozenset[int]  # indices of the projection groups with work this step
-    rescale: tuple[torch.Tensor, torch.Tensor] | None = None  # DoRA tokens: (token index [n], slot [n]) long
+    rescale: Rescale | None = None  # the DoRA tokens, if any
     rescale_groups: frozenset[int] = frozenset()  # the groups those tokens' adapters adapt
 
     @property
@@ -215,11 +227,19 @@ def plan_lora(
         if any(slot in dora_slots for _, _, slot, _ in weighted):
             raise ValueError("a DoRA adapter cannot be composed or scaled (its rescale is not linear)")
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
-    dora = [(t, s) for t, s in enumerate(token_slots) if s in dora_slots and s != merged_slot]
-    rescale = None
-    if dora:
-        as_long = dict(dtype=torch.long, device=device)
-        rescale = (torch.tensor([t for t, _ in dora], **as_long), torch.tensor([s for _, s in dora], **as_long))
+    rescale = _rescale(token_slots, dora_slots - {merged_slot}, device) if dora_slots else None
     return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
                     active=frozenset().union(*(slot_groups[s] for s in used)), rescale=rescale,
-                    rescale_groups=frozenset().union(*(slot_groups[s] for _, s in dora)) if dora else frozenset())
+                    rescale_groups=frozenset().union(*(slot_groups[s] for _, _, s in rescale.runs))
+                    if rescale else frozenset())
+
+
+def _rescale(token_slots: list[int], dora_slots: frozenset[int], device) -> Rescale | None:
+    runs = [run for run in _runs(token_slots, None) if run[2] in dora_slots]
+    if not runs:
+        return None
+    tok = [t for start, end, _ in runs for t in range(start, end)]
+    as_long = dict(dtype=torch.long, device=device)
+    span = (tok[0], tok[-1] + 1) if tok[-1] + 1 - tok[0] == len(tok) else None
+    return Rescale(torch.tensor(tok, **as_long), torch.tensor([s for a, b, s in runs for _ in range(a, b)], **as_long),
+                   tuple(runs), span)
