@@ -12,6 +12,7 @@ Ours with and without adapters and PEFT's mixed batch are timed in rotation (med
 repetitions), so that drift hits every side of their ratios alike.
 
     python bench/lora_overhead.py --json bench/lora_overhead.json
+    python bench/lora_overhead.py --parts kinds --json bench/lora_kinds.json   # compositions, mixed kinds
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from server.kv_blocks import Block
 from server.model_runner import ModelRunner, StepInput
 
 PREFILL, KV = 64, 256
+PARTS = ("peft", "kinds", "swap")  # against PEFT; compositions and mixed kinds; swaps and cold loads
 ORDER = 5  # each row's KV block: 2^5 units of 16 tokens = 512 >= KV + 1
 
 
@@ -115,11 +117,13 @@ def measure_composition(runner: ModelRunner, slots: list[int], ids: torch.Tensor
 def measure_kinds(runner: ModelRunner, slots: list[int], dora: list[int], ids: torch.Tensor, b: int, reps: int,
                   dtype: str) -> dict[str, float]:
     """A decode batch of b rows mixing kinds (3/8 LoRA, 3/8 DoRA, 1/4 composing two LoRA adapters), all rank 16,
-    against b rows of plain LoRA adapters of the same rank; prefill likewise (64 tokens a row)."""
+    against b rows of plain LoRA adapters of the same rank; prefill likewise (64 tokens a row). The LoRA rows
+    use the last LoRA slots, next to the DoRA slots, as the slot table places one rank bucket's adapters: the
+    plain batch's rows, too, sit in consecutive slots."""
     n_mix = b // 4
     n_dora = (b - n_mix) // 2
     n_lora = b - n_mix - n_dora
-    kinds = slots[:n_lora] + dora[:n_dora] + [-1] * n_mix
+    kinds = slots[len(slots) - n_lora :] + dora[:n_dora] + [-1] * n_mix
     weighted = [(r, r + 1, slots[(2 * k + i) % len(slots)], 0.5)
                 for k, r in enumerate(range(n_lora + n_dora, b)) for i in range(2)]
 
@@ -162,7 +166,8 @@ def swap_times(runner: ModelRunner, peft, names: list[str], slots: list[int], re
     return t_swap, p_swap
 
 
-def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True) -> dict:
+def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True,
+                parts: frozenset[str] = frozenset(PARTS)) -> dict:
     loaded = load_default(dtype)
     n_adapters = max(batches)
     specs = {f"r16_{i}": dict(r=16, lora_alpha=32, target_modules=ALL_LINEAR) for i in range(n_adapters)}
@@ -186,35 +191,42 @@ def bench_dtype(dtype: str, batches: list[int], reps: int, prepack: bool = True)
     ids = torch.randint(100, 40000, (n_adapters, KV + 1), generator=g)
     out: dict[str, float] = {}
     with torch.inference_mode():
-        for b in batches:
-            out.update(measure_batch(runner, peft, names, slots, ids, b, reps, dtype))
-        for b in sorted({min(batches), max(batches) // 2}):
-            out.update(measure_composition(runner, slots, ids, b, reps, dtype))
-            out.update(measure_kinds(runner, slots, dora, ids, b, reps, dtype))
-        decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
-        t_swap, p_swap = swap_times(runner, peft, names, slots, reps)
-        out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap
-        out[f"{dtype}_swap_vs_decode_step_b8"] = t_swap / decode8
-        out[f"{dtype}_swap_ms"] = t_swap * 1e3
-
-        with tempfile.TemporaryDirectory() as tmp:
-            limits = ValidationLimits(max_rank=16)
-            shapes = runner.lora.shapes
-            store = AdapterStore(Path(tmp), lambda i, c, w: parse_adapter(i, c, w, shapes, limits))
-            record, _ = store.put(SHARED, "cold", *adapter_files(peft, names[0]))
-            host = HostCache(store, max_idle=0)
+        if "peft" in parts:
+            for b in batches:
+                out.update(measure_batch(runner, peft, names, slots, ids, b, reps, dtype))
+        if "kinds" in parts:
+            for b in sorted({min(batches), max(batches) // 2}):
+                out.update(measure_composition(runner, slots, ids, b, reps, dtype))
+                out.update(measure_kinds(runner, slots, dora, ids, b, reps, dtype))
+        if "swap" in parts:
+            decode8 = median_time(lambda: runner.forward(decode_step(8, [-1] * 8, ids)), reps * 3)
+            t_swap, p_swap = swap_times(runner, peft, names, slots, reps)
+            out[f"{dtype}_swap_ours_vs_peft"] = t_swap / p_swap
+            out[f"{dtype}_swap_vs_decode_step_b8"] = t_swap / decode8
+            out[f"{dtype}_swap_ms"] = t_swap * 1e3
             runner.slots.evict(idents[-1])  # a free slot for the cold loads
-
-            def cold():  # store -> host copy -> device slot, then evicted from both
-                copy = host.lease(record)
-                runner.slots.release(runner.slots.acquire(record.identity, copy.adapter))
-                host.release(copy)
-                runner.slots.evict(record.identity)
-
-            t_cold = median_time(cold, reps)
-        out[f"{dtype}_cold_load_ms"] = t_cold * 1e3
-        out[f"{dtype}_cold_load_ms_per_mb"] = t_cold * 1e3 / (record.size_bytes / 2**20)
+            out.update(cold_load(runner, adapter_files(peft, names[0]), reps, dtype))
     return out
+
+
+def cold_load(runner: ModelRunner, files: tuple[bytes, bytes], reps: int, dtype: str) -> dict[str, float]:
+    """Store -> host copy -> device slot, then evicted from both (the runner has one free slot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        limits = ValidationLimits(max_rank=16)
+        shapes = runner.lora.shapes
+        store = AdapterStore(Path(tmp), lambda i, c, w: parse_adapter(i, c, w, shapes, limits))
+        record, _ = store.put(SHARED, "cold", *files)
+        host = HostCache(store, max_idle=0)
+
+        def cold():
+            copy = host.lease(record)
+            runner.slots.release(runner.slots.acquire(record.identity, copy.adapter))
+            host.release(copy)
+            runner.slots.evict(record.identity)
+
+        t_cold = median_time(cold, reps)
+    return {f"{dtype}_cold_load_ms": t_cold * 1e3,
+            f"{dtype}_cold_load_ms_per_mb": t_cold * 1e3 / (record.size_bytes / 2**20)}
 
 
 def main() -> None:
@@ -224,12 +236,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=True,
                     help="base GEMMs through oneDNN over reordered weights, as the server does by default")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="which figures to measure")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     results: dict = {"model": "SmolLM2-135M-Instruct", "threads": torch.get_num_threads()}
     for dtype in args.dtypes:
-        results.update(bench_dtype(dtype, args.batches, args.reps, args.prepack))
+        results.update(bench_dtype(dtype, args.batches, args.reps, args.prepack, frozenset(args.parts)))
     emit(results, args.json_path)
 
 
