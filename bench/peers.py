@@ -46,7 +46,7 @@ from server.threads import engine_threads, single_threaded, use_threads
 RANKS = (16, 4, 8, 32, 64, 8, 16, 4, 32, 16, 64, 8, 4, 16, 32, 8)
 TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"], ["q_proj", "v_proj"])
-BEST_FLAGS = {"max-batch-size": 64, "max-tokens-per-step": 512, "max-model-len": 256}
+BEST_FLAGS = {"max-batch-size": 64, "max-tokens-per-step": 512, "max-model-len": 256, "kv-cache-tokens": 16384}
 BASE_NAME = "SmolLM2-135M-Instruct"
 
 

@@ -53,7 +53,7 @@ class EngineConfig:
     mode: Mode = "auto"
     max_batch_size: int = 64  # running sequences
     max_model_len: int = 2048
-    kv_cache_tokens: int = 65536  # the KV arena, shared by the running sequences in blocks
+    kv_cache_tokens: int = 32768  # the KV arena, shared by the running sequences in blocks
     max_tokens_per_step: int = 256  # packed tokens per forward (prefill chunk budget)
     max_waiting: int = 256
     merge_share: float = 0.75

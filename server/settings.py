@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     mode: Literal["auto", "batched", "merged"] = "auto"
     max_batch_size: int = Field(64, ge=1, description="running sequences")
-    kv_cache_tokens: int = Field(65536, ge=16, description="tokens of KV cache shared by the running sequences")
+    kv_cache_tokens: int = Field(32768, ge=16, description="tokens of KV cache shared by the running sequences")
     prepack: bool = Field(True, description="CPU: base GEMMs through oneDNN over reordered weights (one more "
                                             "copy of the projection and head weights)")
     max_loras: int = Field(16, ge=1, description="adapters resident in device slots")
