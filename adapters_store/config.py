@@ -16,7 +16,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import re2
@@ -60,6 +60,32 @@ def invalid(adapter_id: str, message: str, **kwargs: Any) -> AdapterValidationEr
     return AdapterValidationError(f"adapter '{adapter_id}': {message}", **kwargs)
 
 
+def config_error(adapter_id: str) -> Bad:
+    def bad(msg: str, **kwargs: Any) -> AdapterValidationError:
+        return invalid(adapter_id, f"{CONFIG_FILE}: {msg}", **kwargs)
+
+    return bad
+
+
+def read_config(adapter_id: str, data: bytes, limits: ValidationLimits) -> dict[str, Any]:
+    """adapter_config.json as a JSON object (size-capped; 400 for anything else)."""
+    check_size(adapter_id, CONFIG_FILE, len(data), limits.max_config_bytes)
+    raw = load_json(adapter_id, CONFIG_FILE, data)
+    if not isinstance(raw, dict):
+        raise invalid(adapter_id, f"{CONFIG_FILE} must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def names_field(adapter_id: str, field: str, value: Any) -> str | tuple[str, ...] | None:
+    """A list of module names or an RE2-checked regex string (None when absent)."""
+    return _names(config_error(adapter_id), field, value)
+
+
+def fullmatch(pattern: str, key: str) -> bool:
+    """RE2 full match of a pattern already checked by a config parser."""
+    return _regex(pattern).fullmatch(key) is not None
+
+
 def check_size(adapter_id: str, what: str, size: int, cap: int) -> None:
     if size > cap:
         raise invalid(adapter_id, f"{what} is {size} bytes, over the limit of {cap} bytes", status=413,
@@ -96,35 +122,33 @@ class AdapterConfig:
 
     @classmethod
     def parse(cls, adapter_id: str, data: bytes, limits: ValidationLimits) -> AdapterConfig:
-        check_size(adapter_id, CONFIG_FILE, len(data), limits.max_config_bytes)
-        raw = load_json(adapter_id, CONFIG_FILE, data)
-        if not isinstance(raw, dict):
-            raise invalid(adapter_id, f"{CONFIG_FILE} must be a JSON object, got {type(raw).__name__}")
+        return cls.from_raw(adapter_id, read_config(adapter_id, data, limits), limits)
 
-        def bad(msg: str, **kwargs: Any) -> AdapterValidationError:
-            return invalid(adapter_id, f"{CONFIG_FILE}: {msg}", **kwargs)
-
+    @classmethod
+    def from_raw(cls, adapter_id: str, raw: dict[str, Any], limits: ValidationLimits) -> AdapterConfig:
+        bad = config_error(adapter_id)
         _check_kind(bad, raw)
         r, alpha, use_rslora = _rank_and_alpha(bad, raw, limits)
+        use_dora = raw.get("use_dora", False)
+        if not isinstance(use_dora, bool):
+            raise bad(f"use_dora must be true or false, got {use_dora!r}")
+        return replace(cls.selection(adapter_id, raw), r=r, alpha=alpha, use_rslora=use_rslora,
+                       rank_pattern=_rank_pattern(bad, raw, limits),
+                       alpha_pattern=_patterns(bad, "alpha_pattern", raw.get("alpha_pattern"), _is_number),
+                       use_dora=use_dora)
+
+    @classmethod
+    def selection(cls, adapter_id: str, raw: dict[str, Any]) -> AdapterConfig:
+        """Only which modules a config selects (target and exclude modules, layers): the part every PEFT type
+        shares; rank 1, scale 1."""
+        bad = config_error(adapter_id)
         target_modules = _names(bad, "target_modules", raw.get("target_modules"))
         if target_modules is None:
             raise bad("target_modules is missing")
         layers, layers_pattern = _layers(bad, raw)
-        use_dora = raw.get("use_dora", False)
-        if not isinstance(use_dora, bool):
-            raise bad(f"use_dora must be true or false, got {use_dora!r}")
-        return cls(
-            r=r,
-            alpha=alpha,
-            use_rslora=use_rslora,
-            target_modules=target_modules,
-            exclude_modules=_names(bad, "exclude_modules", raw.get("exclude_modules")),
-            layers_to_transform=layers,
-            layers_pattern=layers_pattern,
-            rank_pattern=_rank_pattern(bad, raw, limits),
-            alpha_pattern=_patterns(bad, "alpha_pattern", raw.get("alpha_pattern"), _is_number),
-            use_dora=use_dora,
-        )
+        return cls(r=1, alpha=1.0, use_rslora=False, target_modules=target_modules,
+                   exclude_modules=_names(bad, "exclude_modules", raw.get("exclude_modules")),
+                   layers_to_transform=layers, layers_pattern=layers_pattern, rank_pattern={}, alpha_pattern={})
 
     def selects(self, key: str) -> bool:
         """peft.tuners.tuners_utils.check_target_module_exists for a config without modules_to_save."""
@@ -173,10 +197,12 @@ class AdapterConfig:
 
 
 def _check_kind(bad: Bad, raw: dict[str, Any]) -> None:
-    """Plain LoRA only: other PEFT types and fields that change what the weights mean are refused."""
+    """LoRA (and DoRA) here (IA3 has its own parser): other PEFT types and fields that change what the weights
+    mean are refused."""
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise bad(f"peft_type is {peft_type!r}; only 'LORA' adapters are supported")
+        raise bad(f"peft_type is {peft_type!r}; only 'LORA' (with or without use_dora) and 'IA3' adapters are "
+                  "supported")
     for field, what in _UNSUPPORTED_FIELDS.items():
         if raw.get(field) not in (None, False, [], {}):
             raise bad(f"{field}={raw[field]!r} ({what}) is not supported; only plain LoRA is served")

@@ -23,7 +23,16 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from adapters_store.config import CONFIG_FILE, AdapterConfig, ValidationLimits, check_size, invalid, load_json
+from adapters_store.config import (
+    CONFIG_FILE,
+    AdapterConfig,
+    ValidationLimits,
+    check_size,
+    invalid,
+    load_json,
+    read_config,
+)
+from adapters_store.ia3 import parse_ia3
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -55,6 +64,8 @@ class LoraWeights:
     B: torch.Tensor  # [d_out, r]
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA (rank/alpha patterns honoured)
     magnitude: torch.Tensor | None = None  # DoRA: [d_out]; the module computes m / ||W + scale·B·A||_row ⊙ (W + ...)x
+    ia3: torch.Tensor | None = None  # IA3 (then A and B have rank 0): [d_out] output scales, or [d_in] input ones
+    ia3_input: bool = False  # IA3 on a feed-forward module: x ⊙ l enters the projection
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,10 +81,18 @@ class LoraAdapter:
     weights: Mapping[str, LoraWeights]  # base-model module name -> weights, sorted by name
     size_bytes: int  # weights file size
     use_dora: bool = False  # every module has a magnitude vector
+    peft_type: str = "LORA"  # or "IA3"
 
     @property
     def kind(self) -> str:
-        return "dora" if self.use_dora else "lora"
+        """lora, dora or ia3."""
+        return "ia3" if self.peft_type == "IA3" else "dora" if self.use_dora else "lora"
+
+
+def _ia3_weights(shape: ModuleShape, vector: torch.Tensor, is_input: bool) -> LoraWeights:
+    """An IA3 module as weights of rank 0 (no side path) plus its vector."""
+    return LoraWeights(A=torch.zeros(0, shape.d_in), B=torch.zeros(shape.d_out, 0), scale=1.0, ia3=vector,
+                       ia3_input=is_input)
 
 
 def adapter_sha256(config_bytes: bytes, weights_bytes: bytes) -> str:
@@ -136,8 +155,16 @@ def parse_adapter(
     runs on RE2 (linear time), and validation stops with a 422 after `limits.max_seconds`.
     """
     deadline = time.monotonic() + limits.max_seconds
-    config = AdapterConfig.parse(adapter_id, config_bytes, limits)
-    tensors = _load_safetensors(adapter_id, weights_bytes, limits)
+    raw = read_config(adapter_id, config_bytes, limits)
+    if raw.get("peft_type") == "IA3":
+        vectors = parse_ia3(adapter_id, raw, load_safetensors(adapter_id, weights_bytes, limits), target_shapes,
+                            limits, deadline)
+        weights = {m: _ia3_weights(target_shapes[m], v, is_input) for m, (v, is_input) in vectors.items()}
+        return LoraAdapter(id=adapter_id, sha256=adapter_sha256(config_bytes, weights_bytes), rank=0, alpha=0.0,
+                           use_rslora=False, target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
+                           weights=types.MappingProxyType(weights), size_bytes=len(weights_bytes), peft_type="IA3")
+    config = AdapterConfig.from_raw(adapter_id, raw, limits)
+    tensors = load_safetensors(adapter_id, weights_bytes, limits)
     pairs = _pair_tensors(adapter_id, tensors)
     weights = {}
     for module, pair in sorted(pairs.items()):
@@ -168,7 +195,7 @@ class _Pair:
     m: torch.Tensor | None = None
 
 
-def _load_safetensors(adapter_id: str, data: bytes, limits: ValidationLimits) -> dict[str, torch.Tensor]:
+def load_safetensors(adapter_id: str, data: bytes, limits: ValidationLimits) -> dict[str, torch.Tensor]:
     """Check size, header length (read before any parsing) and dtypes, then load with safetensors."""
     check_size(adapter_id, WEIGHTS_FILE, len(data), limits.max_file_bytes)
     looks_like_safetensors = data[8:9] == b"{"  # u64 header length, then the JSON header

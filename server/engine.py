@@ -46,6 +46,7 @@ from server.threads import engine_threads, single_threaded_executor, use_threads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+KIND_NAMES = {"lora": "a LoRA", "dora": "a DoRA", "ia3": "an IA3"}
 
 
 @dataclass
@@ -148,9 +149,9 @@ class Engine:
         if len(set(names)) != len(names):
             raise InvalidRequest(f"the composition names an adapter twice: {names}")
         for m in req.mix:
-            if m.record.kind == "dora":
-                raise InvalidRequest(f"adapter '{m.record.id}' is a DoRA adapter, which cannot be composed or "
-                                     "scaled (its magnitude rescale is not linear in its delta)")
+            if m.record.kind != "lora":
+                raise InvalidRequest(f"adapter '{m.record.id}' is {KIND_NAMES[m.record.kind]} adapter, which "
+                                     "cannot be composed or scaled (its rescale is not linear in a delta)")
             if not math.isfinite(m.weight) or abs(m.weight) > MAX_ADAPTER_WEIGHT:
                 raise InvalidRequest(f"the weight of adapter '{m.record.id}' is {m.weight}; weights must be finite "
                                      f"and within [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}]")

@@ -72,7 +72,7 @@ class ModelRunner:
     def step_context(self, step: StepInput) -> StepContext:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
         lora = plan_lora(step.token_slots, self.slots.ranks(), slot_groups=self.slots.groups(),
-                         weighted=step.weighted, dora_slots=self.slots.dora_slots(),
+                         weighted=step.weighted, rescaled_slots=self.slots.rescaled_slots(),
                          merged_slot=self.slots.merged_slot, device=self.device)
         attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device)
         return StepContext(attn=attn, lora=lora)

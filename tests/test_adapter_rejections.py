@@ -31,7 +31,8 @@ from adapters_store.format import ModuleShape, ValidationLimits
 @pytest.mark.parametrize(
     ("cfg", "status", "fragments"),
     [
-        ({"peft_type": "IA3"}, 400, ["peft_type is 'IA3'", "LORA"]),
+        ({"peft_type": "IA3"}, 400, ["unexpected tensor", "in an IA3 adapter: expected '<module>.ia3_l'"]),
+        ({"peft_type": "PROMPT_TUNING"}, 400, ["peft_type is 'PROMPT_TUNING'", "'IA3'"]),
         ({"peft_type": None}, 400, ["peft_type is None"]),
         ({"use_dora": True}, 400, ["has no lora_magnitude_vector, which use_dora=true requires"]),
         ({"use_dora": "yes"}, 400, ["use_dora must be true or false"]),

@@ -119,12 +119,12 @@ def test_dora_rows_beside_a_merged_lora_equal_peft(setup):
 def test_planner_refuses_weighted_dora():
     groups = [frozenset({0})] * 4
     with pytest.raises(ValueError, match="cannot be composed"):
-        plan_lora([-1, -1], [8] * 4, slot_groups=groups, weighted=[(0, 2, 1, 0.5)], dora_slots=frozenset({1}))
-    plan = plan_lora([1, 1, 2, -1], [8] * 4, slot_groups=groups, dora_slots=frozenset({1}))
+        plan_lora([-1, -1], [8] * 4, slot_groups=groups, weighted=[(0, 2, 1, 0.5)], rescaled_slots=frozenset({1}))
+    plan = plan_lora([1, 1, 2, -1], [8] * 4, slot_groups=groups, rescaled_slots=frozenset({1}))
     assert plan.rescale.tok.tolist() == [0, 1] and plan.rescale.slot.tolist() == [1, 1]
     assert plan.rescale.runs == ((0, 2, 1),) and plan.rescale.span == (0, 2)
     assert plan.rescale_groups == frozenset({0})
-    scattered = plan_lora([1, 2, 3, 1], [8] * 4, slot_groups=groups, dora_slots=frozenset({1, 3}))
+    scattered = plan_lora([1, 2, 3, 1], [8] * 4, slot_groups=groups, rescaled_slots=frozenset({1, 3}))
     assert scattered.rescale.tok.tolist() == [0, 2, 3] and scattered.rescale.span is None
     assert block(0).start == 0
 
@@ -142,7 +142,7 @@ def test_rescale_paths_equal_a_loop(token_slots, y_dtype, bias):
     gen = torch.Generator().manual_seed(0)
     G, C = torch.rand(4, 12, generator=gen) + 0.5, torch.randn(4, 12, generator=gen) if bias else None
     y = torch.randn(len(token_slots), 12, generator=gen).to(y_dtype)
-    plan = plan_lora(token_slots, [8] * 4, slot_groups=[frozenset({0})] * 4, dora_slots=frozenset({1, 3}))
+    plan = plan_lora(token_slots, [8] * 4, slot_groups=[frozenset({0})] * 4, rescaled_slots=frozenset({1, 3}))
     want = y.double().clone()
     for t, s in enumerate(token_slots):
         if s in (1, 3):

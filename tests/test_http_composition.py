@@ -7,6 +7,7 @@ import openai
 import pytest
 from http_fixtures import complete, make_settings, thread_server, upload
 from test_dora_engine import SPECS
+from test_ia3 import IA3_LLAMA, save_ia3
 from tiny_models import save_peft_adapters
 from transformers import AutoModelForCausalLM
 
@@ -27,6 +28,8 @@ def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
             for name in ("a1", "a4", "a0", "a2"):
                 assert upload(c, tiny_adapter_dirs[name], f"c-{name}").status_code == 201
             assert upload(c, dora, "c-dora").status_code == 201
+            (ia3, _), = save_ia3(base, {"ia3": IA3_LLAMA["ia3_ff"]}, tmp_path_factory.mktemp("ia3")).values()
+            assert upload(c, ia3, "c-ia3").status_code == 201
         yield srv
 
 
@@ -79,6 +82,7 @@ def test_one_adapter_at_weight_one_is_the_plain_request(client, base_name):
     (None, [{"id": f"c-{n}", "weight": 0.2} for n in ("a1", "a4", "a0", "a2")], 400, "at most 3 may be composed"),
     (None, [], 422, "at least 1 item"),
     (None, [{"id": "c-dora", "weight": 0.5}], 400, "'c-dora' is a DoRA adapter, which cannot be composed"),
+    (None, [{"id": "c-ia3", "weight": 1}, {"id": "c-a1", "weight": 1}], 400, "'c-ia3' is an IA3 adapter"),
 ])
 def test_bad_compositions(client, base_name, model, adapters, status, fragment):
     body = {"model": model or base_name, "prompt": PROMPT, "max_tokens": 2, "adapters": adapters}
@@ -97,8 +101,9 @@ def test_cli_parses_adapter_weights():
 
 def test_listing_shows_each_kind(client, base_name):
     kinds = {a["id"]: a["kind"] for a in client.get("/v1/adapters").json()["data"]}
-    assert kinds == {"c-a1": "lora", "c-a4": "lora", "c-a0": "lora", "c-a2": "lora", "c-dora": "dora"}
+    assert kinds == {"c-a1": "lora", "c-a4": "lora", "c-a0": "lora", "c-a2": "lora", "c-dora": "dora", "c-ia3": "ia3"}
     def first_logprob(model: str) -> float:
         return complete(client, model, PROMPT, logprobs=0)["choices"][0]["logprobs"]["token_logprobs"][0]
 
     assert abs(first_logprob("c-dora") - first_logprob(base_name)) > 1e-3  # the DoRA adapter is applied
+    assert abs(first_logprob("c-ia3") - first_logprob(base_name)) > 2e-4  # its vectors are near 1

@@ -197,7 +197,8 @@ class AdapterInfo(BaseModel):
     object: Literal["adapter"] = "adapter"
     namespace: str = Field(description="the owning tenant, or 'shared'")
     shared: bool
-    kind: Literal["lora", "dora"] = Field(description="lora, or dora (weight-decomposed: LoRA plus a magnitude)")
+    kind: Literal["lora", "dora", "ia3"] = Field(
+        description="lora; dora (weight-decomposed: LoRA plus a magnitude); ia3 (learned scales of projections)")
     rank: int
     alpha: float
     target_modules: list[str]

@@ -30,6 +30,8 @@ class ProjectionGroup:
     DoRA: G[j]: [S, d_out_j] the row scales m / ||W0 + s·B·A||_row (1 for other slots), and, for a projection
     with a bias b, C[j] = b·(1 - G[j]); a DoRA token's output is then y·G + C = b + G ⊙ (W0·x + s·B·A·x),
     PEFT's DoRA forward (its norm is computed once, when the adapter enters the slot).
+    IA3 (rank 0): an output vector l is G[j] (with C = 0: PEFT scales the bias too); an input vector, for a
+    feed-forward module, is L[j]: [S, d_in], and its tokens add W0·((l - 1) ⊙ x).
     """
 
     def __init__(self, index: int, names: list[str], shapes: list[ModuleShape], n_slots: int, max_rank: int,
@@ -46,6 +48,9 @@ class ProjectionGroup:
         self.biases = biases or [None] * len(names)
         self.C = [None if b is None else torch.zeros(n_slots, sh.d_out, **kw)
                   for b, sh in zip(self.biases, shapes, strict=True)]
+        self.L = [torch.ones(n_slots, sh.d_in, **kw) for sh in shapes]  # IA3 input scales (feed-forward modules)
+        self.input_slots: list[set[int]] = [set() for _ in names]  # per member: slots with IA3 input scales
+        self.original: Callable[[str], torch.Tensor] | None = None  # unmerged base weight by name (the runtime's)
         self.views = BufferViews(self.A, self.B)
 
     def write(self, slot: int, adapter: LoraAdapter, original: Callable[[str], torch.Tensor]) -> bool:
@@ -62,6 +67,11 @@ class ProjectionGroup:
             self.B[j][slot, :r].copy_(w.B.float().mul(w.scale).T)
             if w.magnitude is not None:
                 self._write_dora(j, slot, w, original(name), adapter.id)
+            if w.ia3 is not None and w.ia3_input:
+                self.L[j][slot].copy_(w.ia3)
+                self.input_slots[j].add(slot)
+            elif w.ia3 is not None:  # IA3 scales the output, bias included: G = l, C = 0
+                self.G[j][slot].copy_(w.ia3)
             found = True
         return found
 
@@ -82,11 +92,13 @@ class ProjectionGroup:
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
-        for b, g, c in zip(self.B, self.G, self.C, strict=True):
+        for j, (b, g, c) in enumerate(zip(self.B, self.G, self.C, strict=True)):
             b[slot].zero_()
             g[slot].fill_(1.0)
             if c is not None:
                 c[slot].zero_()
+            self.L[j][slot].fill_(1.0)
+            self.input_slots[j].discard(slot)
 
     def apply(self, member: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base projection of x) plus this member's side paths for the step in progress."""
@@ -99,8 +111,20 @@ class ProjectionGroup:
         y2 = y.view(-1, y.shape[-1])  # [N, d_out]
         expand(y2, shrunk, member, self.views, plan)
         if plan.rescale is not None and self.index in plan.rescale_groups:
+            if self.input_slots[member] & plan.rescale.slots:
+                self._input_scales(member, x2, y2, plan.rescale.runs)
             rescale(y2, plan.rescale, self.G[member], self.C[member])
         return y
+
+    def _input_scales(self, member: int, x: torch.Tensor, y: torch.Tensor, runs) -> None:
+        """IA3 on a feed-forward module: W0·(l ⊙ x) = W0·x + W0·((l - 1) ⊙ x); y holds W0·x (the merged delta,
+        if any, already subtracted), so add the second term for each run of such a slot (W0: the unmerged weight)."""
+        weight = self.original(self.names[member])
+        w = weight if self.shapes[member].fan_in_fan_out else weight.T  # [d_in, d_out]
+        for start, end, slot in runs:
+            if slot in self.input_slots[member]:
+                scaled = x[start:end].to(self.L[member].dtype) * (self.L[member][slot] - 1)  # [n, d_in]
+                y[start:end] += (scaled.to(w.dtype) @ w).to(y.dtype)
 
 
 class LoraProjection(nn.Module):

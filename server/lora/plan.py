@@ -78,6 +78,7 @@ class Rescale:
     slot: torch.Tensor  # [n] long
     runs: tuple[tuple[int, int, int], ...]
     span: tuple[int, int] | None
+    slots: frozenset[int]  # the slots of the runs
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def plan_lora(
     *,
     slot_groups: Sequence[frozenset[int]],
     weighted: Sequence[WeightedRun] = (),
-    dora_slots: frozenset[int] = frozenset(),
+    rescaled_slots: frozenset[int] = frozenset(),
     merged_slot: int | None = None,
     device: torch.device | str = "cpu",
     max_pad_ratio: float = 4.0,
@@ -199,8 +200,9 @@ def plan_lora(
     other token must subtract it (a contiguous run of those tokens is required: pack merged rows first).
     weighted: runs of tokens that add a slot's delta times a weight, whatever their token_slots say (the
     merged adapter's too: a token that is not the merged adapter's subtracts it in full first).
-    dora_slots: slots holding DoRA adapters: their tokens' outputs are rescaled after the side paths (a merged
-    DoRA adapter is folded with its scales, so it runs alone: no other token may be in the step then).
+    rescaled_slots: slots holding DoRA or IA3 adapters: their tokens' outputs are rescaled after the side paths
+    (a merged DoRA adapter is folded with its scales, so it runs alone: no other token may be in the step then).
+    Slots of rank 0 (IA3) have no side path.
     A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
     (views of the slot buffers); a more scattered one is one part that gathers its slots' weights.
     """
@@ -216,30 +218,31 @@ def plan_lora(
             subtract_rank = slot_ranks[merged_slot]
     buckets: dict[int, list[tuple[int, int, int]]] = {}
     for run in _runs(token_slots, merged_slot):
-        buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
+        if slot_ranks[run[2]] > 0:
+            buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
     parts = tuple(_plan_part(runs, slot_ranks, device, max_pad_ratio)
                   for _, bucket_runs in sorted(buckets.items())
                   for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
     parts += tuple(_weighted_parts(weighted, slot_ranks, device, max_pad_ratio))
-    if dora_slots:
-        if subtract is not None and merged_slot in dora_slots:
+    if rescaled_slots:
+        if subtract is not None and merged_slot in rescaled_slots:
             raise ValueError(f"slot {merged_slot} (DoRA) is merged: no other adapter's tokens may run beside it")
-        if any(slot in dora_slots for _, _, slot, _ in weighted):
-            raise ValueError("a DoRA adapter cannot be composed or scaled (its rescale is not linear)")
+        if any(slot in rescaled_slots for _, _, slot, _ in weighted):
+            raise ValueError("a DoRA or IA3 adapter cannot be composed or scaled (its rescale is not linear)")
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
-    rescale = _rescale(token_slots, dora_slots - {merged_slot}, device) if dora_slots else None
+    rescale = _rescale(token_slots, rescaled_slots - {merged_slot}, device) if rescaled_slots else None
+    rescale_groups = frozenset().union(*(slot_groups[s] for s in rescale.slots)) if rescale else frozenset()
     return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
-                    active=frozenset().union(*(slot_groups[s] for s in used)), rescale=rescale,
-                    rescale_groups=frozenset().union(*(slot_groups[s] for _, _, s in rescale.runs))
-                    if rescale else frozenset())
+                    active=frozenset().union(*(slot_groups[s] for s in used)) | rescale_groups, rescale=rescale,
+                    rescale_groups=rescale_groups)
 
 
-def _rescale(token_slots: list[int], dora_slots: frozenset[int], device) -> Rescale | None:
-    runs = [run for run in _runs(token_slots, None) if run[2] in dora_slots]
+def _rescale(token_slots: list[int], slots: frozenset[int], device) -> Rescale | None:
+    runs = [run for run in _runs(token_slots, None) if run[2] in slots]
     if not runs:
         return None
     tok = [t for start, end, _ in runs for t in range(start, end)]
     as_long = dict(dtype=torch.long, device=device)
     span = (tok[0], tok[-1] + 1) if tok[-1] + 1 - tok[0] == len(tok) else None
     return Rescale(torch.tensor(tok, **as_long), torch.tensor([s for a, b, s in runs for _ in range(a, b)], **as_long),
-                   tuple(runs), span)
+                   tuple(runs), span, frozenset(s for _, _, s in runs))

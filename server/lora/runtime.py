@@ -72,6 +72,8 @@ class LoraRuntime:
                 if packed is not None:
                     self.packed[name] = packed
         self.merged = MergedWeights(self.groups, self.modules, self.shapes, self.packed)
+        for group in self.groups:
+            group.original = self.merged.original
 
     @property
     def buffer_bytes(self) -> int:

@@ -54,7 +54,7 @@ class Slot:
     merged: bool = False  # folded into the base weights
     mergeable: bool = True  # False once a fold was refused (non-finite weights): served by side paths only
     draining: bool = False  # evicted while in use: cleared when idle, never handed out again
-    dora: bool = False  # a DoRA adapter: its tokens are rescaled; merged, it must run alone
+    kind: str = "lora"  # dora: its tokens are rescaled, and merged it must run alone; ia3: rescaled, never merged
 
     @property
     def busy(self) -> bool:
@@ -167,7 +167,7 @@ class SlotTable:
             refused = False
             try:
                 self._device.fold(slot, entry.rank if entry else 0, entry.groups if entry else frozenset(),
-                                  entry.dora if entry else False)
+                                  entry is not None and entry.kind == "dora")
             except MergeRefused:
                 entry.mergeable, refused = False, True
             if current is not None:
@@ -196,8 +196,15 @@ class SlotTable:
 
     def dora_slots(self) -> frozenset[int]:
         """Slots holding DoRA adapters."""
+        return self._of_kind("dora")
+
+    def rescaled_slots(self) -> frozenset[int]:
+        """Slots whose tokens' outputs are rescaled after their side paths (DoRA and IA3 adapters)."""
+        return self._of_kind("dora", "ia3")
+
+    def _of_kind(self, *kinds: str) -> frozenset[int]:
         with self._lock:
-            return frozenset(s for s, e in enumerate(self._slots) if e is not None and e.dora)
+            return frozenset(s for s, e in enumerate(self._slots) if e is not None and e.kind in kinds)
 
     def groups(self) -> list[frozenset[int]]:
         """Projection groups each slot's adapter adapts (empty when the slot is)."""
@@ -257,7 +264,7 @@ class SlotTable:
         self._stats.load_seconds_total += elapsed
         if self._on_load is not None:
             self._on_load(elapsed)
-        self._slots[slot] = Slot(ident, adapter.rank, groups, dora=adapter.use_dora)
+        self._slots[slot] = Slot(ident, adapter.rank, groups, mergeable=adapter.kind != "ia3", kind=adapter.kind)
         self._live[ident] = slot
         return slot
 
