@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import re2
+import torch
 
 from adapters_store.errors import AdapterValidationError
 
@@ -84,6 +85,16 @@ def names_field(adapter_id: str, field: str, value: Any) -> str | tuple[str, ...
 def fullmatch(pattern: str, key: str) -> bool:
     """RE2 full match of a pattern already checked by a config parser."""
     return _regex(pattern).fullmatch(key) is not None
+
+
+def check_entries(adapter_id: str, key: str, t: torch.Tensor, limit: float, what: str) -> None:
+    """No NaN/Inf in tensor `key`, and no |entry| above `limit` (400 naming the tensor and the numbers)."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise invalid(adapter_id, f"tensor '{key}' has {bad} NaN/Inf values out of {t.numel()}")
+    peak = t.float().abs().max().item()
+    if peak > limit:
+        raise invalid(adapter_id, f"{what}: the largest |entry| is {peak:.4g}, above the limit of {limit:g}")
 
 
 def check_size(adapter_id: str, what: str, size: int, cap: int) -> None:

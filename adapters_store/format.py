@@ -27,6 +27,7 @@ from adapters_store.config import (
     CONFIG_FILE,
     AdapterConfig,
     ValidationLimits,
+    check_entries,
     check_size,
     invalid,
     load_json,
@@ -321,13 +322,7 @@ def _dora_magnitude(adapter_id: str, module: str, pair: _Pair, shape: ModuleShap
     if m.ndim != 1 or m.shape[0] != shape.d_out:
         raise invalid(adapter_id, f"lora_magnitude_vector for {module} has shape {list(m.shape)}, expected "
                       f"[{shape.d_out}] (d_out)", **_INCOMPATIBLE)
-    bad = int((~torch.isfinite(m)).sum())
-    if bad:
-        raise invalid(adapter_id, f"tensor '{pair.m_key}' has {bad} NaN/Inf values out of {m.numel()}")
-    peak = m.float().abs().max().item()
-    if peak > MAX_MAGNITUDE:
-        raise invalid(adapter_id, f"module {module}: the largest |entry| of its magnitude vector is {peak:.4g}, "
-                      f"above the limit of {MAX_MAGNITUDE:g}")
+    check_entries(adapter_id, pair.m_key, m, MAX_MAGNITUDE, f"module {module}: its magnitude vector")
     return m
 
 

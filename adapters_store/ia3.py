@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapters_store.config import AdapterConfig, ValidationLimits, config_error, fullmatch, invalid, names_field
+from adapters_store.config import (
+    AdapterConfig,
+    ValidationLimits,
+    check_entries,
+    config_error,
+    fullmatch,
+    invalid,
+    names_field,
+)
 
 if TYPE_CHECKING:
     from adapters_store.format import ModuleShape
@@ -67,13 +75,7 @@ def _check_vector(adapter_id: str, key: str, module: str, t: torch.Tensor, targe
         what = "a feed-forward module: its input" if is_input else "its output"
         raise invalid(adapter_id, f"tensor '{key}' has shape {list(t.shape)}, expected {want} ({what} features)",
                       status=422, code="adapter_incompatible")
-    bad = int((~torch.isfinite(t)).sum())
-    if bad:
-        raise invalid(adapter_id, f"tensor '{key}' has {bad} NaN/Inf values out of {t.numel()}")
-    peak = t.float().abs().max().item()
-    if peak > MAX_IA3_SCALE:
-        raise invalid(adapter_id, f"module {module}: the largest |entry| of its IA3 vector is {peak:.4g}, above the "
-                      f"limit of {MAX_IA3_SCALE:g}")
+    check_entries(adapter_id, key, t, MAX_IA3_SCALE, f"module {module}: its IA3 vector")
     return t.flatten(), is_input
 
 

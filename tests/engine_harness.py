@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,3 +58,17 @@ async def collect(engine: Engine, req: GenerationRequest, delay: float = 0.0) ->
         if out.finish_reason:
             res.finish[out.index] = out.finish_reason
     return res
+
+
+async def collect_together(engine: Engine, reqs: list[GenerationRequest]) -> list[Result]:
+    """Serve requests in one batch: the engine is held at a step boundary until every one is queued."""
+    gate = threading.Event()
+    held = asyncio.ensure_future(engine.call(lambda: gate.wait(30)))
+    tasks = [asyncio.ensure_future(collect(engine, r)) for r in reqs]
+    for _ in range(1000):
+        if engine.stats().waiting == len(reqs):
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    await held
+    return await asyncio.gather(*tasks)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import uuid
 
 import pytest
 import torch
-from engine_harness import build_engine, collect
+from engine_harness import build_engine, collect_together
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -90,19 +89,7 @@ def test_compositions_equal_peft_in_a_mixed_batch(engine, peft):
     eng, records = engine
     work = workload()
 
-    async def run():  # the engine is held until every request is queued: one batch, admitted at once
-        gate = threading.Event()
-        held = asyncio.ensure_future(eng.call(lambda: gate.wait(30)))
-        tasks = [asyncio.ensure_future(collect(eng, make_request(p, records, w))) for w, p in work]
-        for _ in range(1000):
-            if eng.stats().waiting == len(work):
-                break
-            await asyncio.sleep(0.01)
-        gate.set()
-        await held
-        return await asyncio.gather(*tasks)
-
-    results = asyncio.run(run())
+    results = asyncio.run(collect_together(eng, [make_request(p, records, w) for w, p in work]))
     for (what, prompt), res in zip(work, results, strict=True):
         tokens, logprobs = peft_greedy(peft, what, prompt)
         assert res.token_ids[0] == tokens, f"{what}: {res.token_ids[0]} != PEFT's {tokens}"

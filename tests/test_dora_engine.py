@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import uuid
 
 import pytest
-from engine_harness import build_engine, collect
+from engine_harness import build_engine, collect_together
 from peft import PeftModel
 from test_composition import MAX_TOKENS, peft_greedy
 from tiny_models import save_peft_adapters
@@ -56,20 +55,8 @@ def test_dora_in_every_mode_equals_peft(engine, peft):
     work = [(w, [500 + 29 * i + 7 * k for k in range(5 + i % 4)]) for i, w in enumerate(whats)]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 
-    async def run():  # held until every request is queued, so that they share the first batch
-        gate = threading.Event()
-        held = asyncio.ensure_future(eng.call(lambda: gate.wait(30)))
-        tasks = [asyncio.ensure_future(collect(eng, GenerationRequest(
-            uuid.uuid4().hex, tuple(p), params, None if w is None else records[w]))) for w, p in work]
-        for _ in range(1000):
-            if eng.stats().waiting == len(work):
-                break
-            await asyncio.sleep(0.01)
-        gate.set()
-        await held
-        return await asyncio.gather(*tasks)
-
-    for (what, prompt), res in zip(work, asyncio.run(run()), strict=True):
+    reqs = [GenerationRequest(uuid.uuid4().hex, tuple(p), params, None if w is None else records[w]) for w, p in work]
+    for (what, prompt), res in zip(work, asyncio.run(collect_together(eng, reqs)), strict=True):
         assert res.finish == ["length"], (what, res.finish)
         tokens, logprobs = peft_greedy(peft, what, prompt)
         assert res.token_ids[0] == tokens, what
