@@ -60,7 +60,7 @@ class AdapterRecord:
     size_bytes: int
     created_at: float  # time.time() of the upload
     path: Path  # root/<namespace>/<id>
-    kind: str = "lora"  # "lora" or "dora"
+    kind: str = "lora"  # "lora", "dora" or "ia3" (LoraAdapter.kind)
 
     @property
     def namespace(self) -> str:

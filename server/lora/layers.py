@@ -53,9 +53,9 @@ class ProjectionGroup:
         self.original: Callable[[str], torch.Tensor] | None = None  # unmerged base weight by name (the runtime's)
         self.views = BufferViews(self.A, self.B)
 
-    def write(self, slot: int, adapter: LoraAdapter, original: Callable[[str], torch.Tensor]) -> bool:
+    def write(self, slot: int, adapter: LoraAdapter) -> bool:
         """Copy the adapter's weights of this group's members into `slot` (and, for DoRA, compute their row
-        scales against `original(name)`, the unmerged base weight); False if it adapts none of them."""
+        scales against `self.original(name)`, the unmerged base weight); False if it adapts none of them."""
         self.clear(slot)
         found = False
         for j, name in enumerate(self.names):
@@ -66,7 +66,7 @@ class ProjectionGroup:
             self.A[slot, :r, j].copy_(w.A)
             self.B[j][slot, :r].copy_(w.B.float().mul(w.scale).T)
             if w.magnitude is not None:
-                self._write_dora(j, slot, w, original(name), adapter.id)
+                self._write_dora(j, slot, w, self.original(name), adapter.id)
             if w.ia3 is not None and w.ia3_input:
                 self.L[j][slot].copy_(w.ia3)
                 self.input_slots[j].add(slot)
@@ -107,9 +107,10 @@ class ProjectionGroup:
             return y
         plan = ctx.lora
         x2 = x.reshape(-1, x.shape[-1])  # [N, d_in]
-        shrunk = ctx.shared(self.index, x, lambda: shrink(x2.to(self.A.dtype), self.views, plan))
         y2 = y.view(-1, y.shape[-1])  # [N, d_out]
-        expand(y2, shrunk, member, self.views, plan)
+        if not plan.empty:  # a step of IA3 rows only has no side path, only rescales
+            shrunk = ctx.shared(self.index, x, lambda: shrink(x2.to(self.A.dtype), self.views, plan))
+            expand(y2, shrunk, member, self.views, plan)
         if plan.rescale is not None and self.index in plan.rescale_groups:
             if self.input_slots[member] & plan.rescale.slots:
                 self._input_scales(member, x2, y2, plan.rescale.runs)

@@ -149,7 +149,7 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
 
 
 def rescale(y: torch.Tensor, r: Rescale, G: torch.Tensor, C: torch.Tensor | None) -> None:
-    """DoRA rows, in place: y[t] = y[t] * G[slot_t] (+ C[slot_t]) for the plan's DoRA tokens.
+    """DoRA and IA3 rows, in place: y[t] = y[t] * G[slot_t] (+ C[slot_t]) for the plan's rescaled tokens.
 
     y: [N, d_out]; G, C: [S, d_out] (the side-path dtype). A few runs are scaled in place by their slot's row;
     otherwise the rows are gathered (or sliced, for one span), scaled and written back."""

@@ -70,8 +70,8 @@ class LoraPart:
 
 @dataclass(frozen=True)
 class Rescale:
-    """The DoRA tokens of a step: token t's outputs are multiplied by its slot's row scales (plus the bias
-    term). `runs` are their maximal (start, end, slot) runs; `span` is (lo, hi) when they are exactly the
+    """The DoRA and IA3 tokens of a step: token t's outputs are multiplied by its slot's row scales (plus the
+    bias term). `runs` are their maximal (start, end, slot) runs; `span` is (lo, hi) when they are exactly the
     tokens lo..hi-1 (the engine packs a bucket's slots together, so they usually are)."""
 
     tok: torch.Tensor  # [n] long
@@ -91,7 +91,7 @@ class LoraPlan:
     subtract: tuple[int, int, int] | None  # (start, end, slot): remove a merged adapter from these tokens
     subtract_rank: int
     active: frozenset[int]  # indices of the projection groups with work this step
-    rescale: Rescale | None = None  # the DoRA tokens, if any
+    rescale: Rescale | None = None  # the DoRA and IA3 tokens, if any
     rescale_groups: frozenset[int] = frozenset()  # the groups those tokens' adapters adapt
 
     @property

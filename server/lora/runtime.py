@@ -83,7 +83,7 @@ class LoraRuntime:
     # SlotDevice of server.lora.slots
     @torch.no_grad()
     def write_slot(self, slot: int, adapter: LoraAdapter) -> frozenset[int]:
-        return frozenset(g.index for g in self.groups if g.write(slot, adapter, self.merged.original))
+        return frozenset(g.index for g in self.groups if g.write(slot, adapter))
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
