@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,6 +96,13 @@ def check_entries(adapter_id: str, key: str, t: torch.Tensor, limit: float, what
     peak = t.float().abs().max().item()
     if peak > limit:
         raise invalid(adapter_id, f"{what}: the largest |entry| is {peak:.4g}, above the limit of {limit:g}")
+
+
+def check_deadline(adapter_id: str, deadline: float, limits: ValidationLimits, done: int, total: int) -> None:
+    """422 once validating one adapter has taken longer than `limits.max_seconds`."""
+    if time.monotonic() > deadline:
+        raise invalid(adapter_id, f"validation took longer than {limits.max_seconds:g} s ({done} of {total} modules "
+                      "checked)", status=422, code="validation_timeout")
 
 
 def check_size(adapter_id: str, what: str, size: int, cap: int) -> None:

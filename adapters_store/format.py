@@ -27,6 +27,7 @@ from adapters_store.config import (
     CONFIG_FILE,
     AdapterConfig,
     ValidationLimits,
+    check_deadline,
     check_entries,
     check_size,
     invalid,
@@ -169,9 +170,7 @@ def parse_adapter(
     pairs = _pair_tensors(adapter_id, tensors)
     weights = {}
     for module, pair in sorted(pairs.items()):
-        if time.monotonic() > deadline:
-            raise invalid(adapter_id, f"validation took longer than {limits.max_seconds:g} s ({len(weights)} of "
-                          f"{len(pairs)} modules checked)", status=422, code="validation_timeout")
+        check_deadline(adapter_id, deadline, limits, len(weights), len(pairs))
         weights[module] = _check_module(adapter_id, module, pair, target_shapes, config, limits)
     return LoraAdapter(
         id=adapter_id,

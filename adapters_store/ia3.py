@@ -8,7 +8,6 @@ module listed in ``feedforward_modules``, [1, d_in] scales its input, as PEFT's 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import torch
 from adapters_store.config import (
     AdapterConfig,
     ValidationLimits,
+    check_deadline,
     check_entries,
     config_error,
     fullmatch,
@@ -46,9 +46,7 @@ def parse_ia3(adapter_id: str, raw: dict[str, Any], tensors: Mapping[str, torch.
     feedforward = names_field(adapter_id, "feedforward_modules", raw.get("feedforward_modules"))
     vectors: dict[str, tuple[torch.Tensor, bool]] = {}
     for key, tensor in sorted(tensors.items()):
-        if time.monotonic() > deadline:
-            raise invalid(adapter_id, f"validation took longer than {limits.max_seconds:g} s", status=422,
-                          code="validation_timeout")
+        check_deadline(adapter_id, deadline, limits, len(vectors), len(tensors))
         match = _KEY_RE.match(key)
         if match is None:
             raise invalid(adapter_id, f"unexpected tensor '{key}' in an IA3 adapter: expected '<module>.ia3_l'")

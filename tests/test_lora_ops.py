@@ -63,13 +63,18 @@ def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtyp
         slots = [merged] * 2 + [s for s in slots if s != merged]
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
+    assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=2, merged_slot=merged)
+
+
+def assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed: int, **reference) -> None:
+    """shrink + expand of every member into random base outputs of y_dtype equal the float64 loop."""
     views = BufferViews(A, B)
     shrunk = shrink(x, views, plan)
     for j in range(M):
-        base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(2)).to(y_dtype)
+        base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(seed)).to(y_dtype)
         y = base.clone()
         expand(y, shrunk, j, views, plan)
-        ref = base.double() + lora_reference(x, slots, A, B[j], j, merged_slot=merged)
+        ref = base.double() + lora_reference(x, slots, A, B[j], j, **reference)
         if y_dtype == torch.float32:
             torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
         else:  # bf16 roundings of the sums (two where a merged delta is subtracted)
@@ -200,17 +205,7 @@ def test_weighted_runs_equal_reference(case, merged, y_dtype):
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, weighted=weighted)
     assert plan.active == frozenset({0})
     assert any(p.kind == "bmm" and p.tok_weight is not None for p in plan.parts)  # slots 1 and 4: one bucket
-    views = BufferViews(A, B)
-    shrunk = shrink(x, views, plan)
-    for j in range(M):
-        base = torch.randn(len(slots), D_OUT[j], generator=torch.Generator().manual_seed(5)).to(y_dtype)
-        y = base.clone()
-        expand(y, shrunk, j, views, plan)
-        ref = base.double() + lora_reference(x, slots, A, B[j], j, merged_slot=merged, weighted=weighted)
-        if y_dtype == torch.float32:
-            torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
-        else:
-            torch.testing.assert_close(y.double(), ref, atol=2**-7 * ref.abs().max().item(), rtol=0)
+    assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=5, merged_slot=merged, weighted=weighted)
 
 
 def test_a_weighted_run_alone_activates_its_groups():
