@@ -26,6 +26,10 @@ class ServingError(Exception):
         if retry_after is not None:
             self.retry_after = retry_after
 
+    def __reduce__(self):
+        """Pickle with the instance's own status/code (a cluster replica hands errors to its ingress)."""
+        return type(self), (self.message,), dict(self.__dict__)
+
 
 class AdapterError(ServingError):
     code = "adapter_error"

@@ -116,6 +116,11 @@ class HostCache:
         with self._lock:
             return ident in self._copies
 
+    def identities(self) -> list[AdapterIdentity]:
+        """The versions held in host memory now."""
+        with self._lock:
+            return list(self._copies)
+
     @property
     def stats(self) -> HostStats:
         with self._lock:

@@ -213,13 +213,9 @@ class AdapterStore:
         deleted meanwhile raises AdapterNotFound.
         """
         try:
-            config_bytes = (record.path / CONFIG_FILE).read_bytes()
-            weights_bytes = (record.path / WEIGHTS_FILE).read_bytes()
-        except FileNotFoundError:
-            self._raise_stale_or_corrupt(record, "its files are missing")
-        sha = adapter_sha256(config_bytes, weights_bytes)
-        if sha != record.sha256:
-            self._raise_stale_or_corrupt(record, f"its files hash to {sha}, not the recorded {record.sha256}")
+            config_bytes, weights_bytes = read_version(record)
+        except VersionMismatch as e:
+            self._raise_stale_or_corrupt(record, str(e))
         return self._parse(record.id, config_bytes, weights_bytes)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -369,6 +365,25 @@ def _record(
         path=path,
         kind=adapter.kind,
     )
+
+
+class VersionMismatch(Exception):
+    """The files of a record are missing or hash to other content."""
+
+
+def read_version(record: AdapterRecord, directory: Path | None = None) -> tuple[bytes, bytes]:
+    """(config bytes, weights bytes) of the version `record` names, from `directory` (default: the record's
+    own path); VersionMismatch if they are missing or are another version."""
+    directory = record.path if directory is None else directory
+    try:
+        config_bytes = (directory / CONFIG_FILE).read_bytes()
+        weights_bytes = (directory / WEIGHTS_FILE).read_bytes()
+    except FileNotFoundError:
+        raise VersionMismatch("its files are missing") from None
+    sha = adapter_sha256(config_bytes, weights_bytes)
+    if sha != record.sha256:
+        raise VersionMismatch(f"its files hash to {sha}, not the recorded {record.sha256}")
+    return config_bytes, weights_bytes
 
 
 def _is_valid_name(name: str) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Literal, get_args, get_origin
+from typing import Literal, TypeVar, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
@@ -14,16 +14,19 @@ from pydantic import ValidationError
 from server.app import create_app
 from server.settings import Settings
 
+S = TypeVar("S", bound=Settings)
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per Settings field; flags left out fall back to LORAMUX_* variables, then defaults."""
+
+def build_parser(settings_cls: type[Settings] = Settings, prog: str = "loramux-server",
+                 description: str = "Multi-tenant LoRA adapter inference server (OpenAI-compatible HTTP API).",
+                 ) -> argparse.ArgumentParser:
+    """One flag per settings field; flags left out fall back to LORAMUX_* variables, then defaults."""
     parser = argparse.ArgumentParser(
-        prog="loramux-server",
-        description="Multi-tenant LoRA adapter inference server (OpenAI-compatible HTTP API).",
+        prog=prog, description=description,
         epilog="Every flag can also be set with an environment variable: --max-loras -> LORAMUX_MAX_LORAS.",
         argument_default=argparse.SUPPRESS,
     )
-    for name, field in Settings.model_fields.items():
+    for name, field in settings_cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default_factory() if field.default_factory else field.default
         help_text = f"{field.description or ''} (default: {default})".strip()
@@ -38,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+def parse_settings(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+                   settings_cls: type[S] = Settings) -> S:
     """Settings from the command line (explicit flags win over LORAMUX_* variables)."""
-    parser = build_parser()
+    parser = parser or build_parser(settings_cls)
     args = vars(parser.parse_args(argv))
     try:
-        return Settings(**args)
+        return settings_cls(**args)
     except ValidationError as e:
         problems = "; ".join(
             f"--{'.'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}" if err["loc"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -116,10 +116,14 @@ def _log_start(services: Services) -> None:
     log.info("%s", ready_banner(settings, services.served_model_name, services.store))
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The app for these settings (the keys file is read now); the model loads when lifespan starts."""
+Lifespan = Callable[..., AbstractAsyncContextManager[None]]  # (app, settings=, keys=) -> the services' lifetime
+
+
+def create_app(settings: Settings, serve: Lifespan = lifespan) -> FastAPI:
+    """The app for these settings (the keys file is read now); `serve` builds the services when the app starts
+    (the model and engine here; the cluster's ingress passes its own, which forwards to engine replicas)."""
     keys = load_keys(settings)
-    app = FastAPI(title="loramux", version="0.1.0", lifespan=partial(lifespan, settings=settings, keys=keys),
+    app = FastAPI(title="loramux", version="0.1.0", lifespan=partial(serve, settings=settings, keys=keys),
                   description="Multi-tenant LoRA adapter inference server with an OpenAI-compatible API.")
     install_error_handlers(app)
     for module in (completions, adapters, models, health):

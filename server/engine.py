@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import queue
 import threading
 import time
@@ -26,7 +25,6 @@ from adapters_store.errors import ServingError
 from adapters_store.host_cache import HostCache, HostCopy
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import (
-    MAX_ADAPTER_WEIGHT,
     EngineStats,
     FinishReason,
     GenerationRequest,
@@ -34,7 +32,7 @@ from server.engine_types import (
     SeqOutput,
     TokenLogprob,
 )
-from server.errors import EngineStopped, GenerationFailed, InvalidRequest
+from server.errors import EngineStopped, GenerationFailed
 from server.metrics import Metrics
 from server.model_runner import ModelRunner
 from server.output import OutputProcessor
@@ -43,10 +41,10 @@ from server.scheduler import Scheduler, SchedulerConfig
 from server.sequence import MixPart, RequestStream, Sequence
 from server.step import StepPlan, build_step, sample_step
 from server.threads import engine_threads, single_threaded_executor, use_threads
+from server.validation import RequestLimits, check_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-KIND_NAMES = {"lora": "a LoRA", "dora": "a DoRA", "ia3": "an IA3"}
 
 
 @dataclass
@@ -115,46 +113,16 @@ class Engine:
         self._io.shutdown(wait=False)
 
     # caller API ---------------------------------------------------------------------------------
+    @property
+    def limits(self) -> RequestLimits:
+        cfg = self.config
+        return RequestLimits(max_model_len=self.max_model_len, vocab_size=self.runner.vocab_size,
+                             max_composed=min(cfg.max_adapters_per_request, self.runner.slots.stats.slots),
+                             max_batch_size=cfg.max_batch_size, max_waiting=cfg.max_waiting)
+
     def validate(self, req: GenerationRequest) -> None:
         """Raise InvalidRequest (naming the numbers) for a request that can never be served."""
-        try:
-            req.params.validate()
-        except ValueError as e:
-            raise InvalidRequest(str(e)) from None
-        n_prompt = len(req.prompt_ids)
-        if n_prompt == 0:
-            raise InvalidRequest("the prompt is empty: at least one token is needed")
-        total = n_prompt + req.params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequest(f"prompt ({n_prompt} tokens) + max_tokens ({req.params.max_tokens}) = {total} "
-                                 f"exceeds the context length of {self.max_model_len} tokens")
-        vocab = self.runner.vocab_size
-        bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
-        if req.mix:
-            self._validate_mix(req)
-        if req.params.n > min(self.config.max_batch_size, self.config.max_waiting):
-            raise InvalidRequest(f"n={req.params.n} exceeds what the server can hold at once "
-                                 f"(batch size {self.config.max_batch_size}, queue {self.config.max_waiting})")
-
-    def _validate_mix(self, req: GenerationRequest) -> None:
-        limit = min(self.config.max_adapters_per_request, self.runner.slots.stats.slots)
-        if req.adapter is not None:
-            raise InvalidRequest("a request names either one adapter or a composition of adapters, not both")
-        if len(req.mix) > limit:
-            raise InvalidRequest(f"the request composes {len(req.mix)} adapters; at most {limit} may be composed "
-                                 f"(--max-adapters-per-request, and no more than the device slots)")
-        names = [m.record.key for m in req.mix]
-        if len(set(names)) != len(names):
-            raise InvalidRequest(f"the composition names an adapter twice: {names}")
-        for m in req.mix:
-            if m.record.kind != "lora":
-                raise InvalidRequest(f"adapter '{m.record.id}' is {KIND_NAMES[m.record.kind]} adapter, which "
-                                     "cannot be composed or scaled (its rescale is not linear in a delta)")
-            if not math.isfinite(m.weight) or abs(m.weight) > MAX_ADAPTER_WEIGHT:
-                raise InvalidRequest(f"the weight of adapter '{m.record.id}' is {m.weight}; weights must be finite "
-                                     f"and within [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}]")
+        check_request(req, self.limits)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]:
         """Lease the adapter's host copy, queue the request and stream its outputs; closing the iterator

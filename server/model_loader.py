@@ -27,7 +27,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel
+    model: PreTrainedModel | None  # None in the cluster's ingress, which only tokenizes
     tokenizer: PreTrainedTokenizerBase
     name: str  # served name of the base model
     source: str  # where the weights came from (directory or cache)
@@ -97,21 +97,24 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     return target
 
 
+def resolve_source(spec: str, cache_dir: Path) -> tuple[Path, str]:
+    """(HF directory, served name) of `spec`: 'default', an HF directory or a .gguf file (converted once)."""
+    if spec == "default":
+        return convert_gguf(default_gguf_path(), cache_dir), DEFAULT_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return convert_gguf(path, cache_dir), path.stem
+    if (path / "config.json").is_file():
+        return path, path.name
+    raise FileNotFoundError(f"--model {spec!r} is neither 'default', a .gguf file, nor an HF directory")
+
+
 def load_base_model(spec: str, cache_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load `spec` ('default', an HF directory or a .gguf file) frozen, in eval mode, on device/dtype.
 
     GGUF files are converted once into `cache_dir`.
     """
-    if spec == "default":
-        source, name = convert_gguf(default_gguf_path(), cache_dir), DEFAULT_NAME
-    else:
-        path = Path(spec).expanduser()
-        if path.suffix == ".gguf" and path.is_file():
-            source, name = convert_gguf(path, cache_dir), path.stem
-        elif (path / "config.json").is_file():
-            source, name = path, path.name
-        else:
-            raise FileNotFoundError(f"--model {spec!r} is neither 'default', a .gguf file, nor an HF directory")
+    source, name = resolve_source(spec, cache_dir)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     log.info("loading %s on %s as %s", source, dev, torch_dtype)
@@ -119,3 +122,9 @@ def load_base_model(spec: str, cache_dir: Path, device: str = "auto", dtype: str
     tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=str(source))
+
+
+def load_tokenizer(spec: str, cache_dir: Path) -> LoadedModel:
+    """The tokenizer of `spec` without its weights (the cluster's ingress only tokenizes): `model` is None."""
+    source, name = resolve_source(spec, cache_dir)
+    return LoadedModel(model=None, tokenizer=AutoTokenizer.from_pretrained(source), name=name, source=str(source))

@@ -8,24 +8,40 @@ disk read has happened in a worker thread; reads are thread-safe snapshots.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 from adapters_store.host_cache import HostCache
+from adapters_store.identity import AdapterIdentity
 from adapters_store.store import AdapterRecord
 from server.engine import Engine
 from server.errors import TenantOverQuota
 from server.lora.slots import SlotTable
 
+Tier = Literal["disk", "host", "device"]
+
+
+@dataclass(frozen=True)
+class ReplicaResidency:
+    """Where one cluster replica holds an adapter version."""
+
+    replica: str
+    tier: Tier
+    slot: int | None
+    pinned: bool
+    in_flight: int
+
 
 @dataclass(frozen=True)
 class ResidencyInfo:
-    tier: Literal["disk", "host", "device"]
+    tier: Tier  # in a cluster: the best tier over its replicas
     slot: int | None  # device slot of the live copy
     pinned: bool
     in_flight: int  # sequences running on it, draining copies included
     served: int  # slot acquisitions so far
-    last_used: float | None  # time.monotonic() of the last one
+    last_used: float | None  # time.time() of the last one
+    replicas: tuple[ReplicaResidency, ...] = ()  # in a cluster: each replica that holds it
 
 
 class Residency:
@@ -35,11 +51,18 @@ class Residency:
         self.engine = engine
 
     def info(self, record: AdapterRecord) -> ResidencyInfo:
-        ident = record.identity
+        return self._info(record.identity)
+
+    def _info(self, ident: AdapterIdentity) -> ResidencyInfo:
         device = self.slots.info(ident)
         tier = "device" if device.slot is not None else "host" if self.host.resident(ident) else "disk"
+        last_used = None if device.last_used is None else time.time() - (time.monotonic() - device.last_used)
         return ResidencyInfo(tier=tier, slot=device.slot, pinned=device.pinned, in_flight=device.in_flight,
-                             served=device.served, last_used=device.last_used)
+                             served=device.served, last_used=last_used)
+
+    async def infos(self, records: list[AdapterRecord]) -> list[ResidencyInfo]:
+        """`info` of each record, in a worker thread (the slot table's lock is held while a slot loads)."""
+        return await asyncio.to_thread(lambda: [self.info(r) for r in records])
 
     async def load(self, record: AdapterRecord, pin: bool | None, pin_cap: int | None = None) -> int:
         """Make resident in a device slot now; `pin` true keeps it there, false unpins, None keeps the pin.
@@ -69,6 +92,17 @@ class Residency:
 
     async def evict(self, record: AdapterRecord) -> None:
         """Drop from host and device memory; requests in flight finish with the copy they hold."""
-        ident = record.identity
+        await self.evict_identity(record.identity)
+
+    async def evict_identity(self, ident: AdapterIdentity) -> None:
         self.host.evict(ident)
         await self.engine.call(lambda: self.slots.evict(ident))
+
+    def held(self) -> dict[AdapterIdentity, ResidencyInfo]:
+        """Every version resident in host memory or a device slot, with where (a cluster replica reports this;
+        an evicted copy still draining is not held)."""
+        slots = self.slots
+        idents = set(self.host.identities())
+        idents.update(i for i in map(slots.identity, range(slots.stats.slots)) if i is not None)
+        infos = {ident: self._info(ident) for ident in idents}
+        return {ident: info for ident, info in infos.items() if info.tier != "disk"}

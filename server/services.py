@@ -7,21 +7,25 @@ build it this way); ``build_services`` adds what the HTTP routes need, from the 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from transformers import PreTrainedModel
 
 from adapters_store.format import ValidationLimits, parse_adapter
 from adapters_store.host_cache import HostCache
-from adapters_store.store import AdapterStore
+from adapters_store.reader import StoreReader
+from adapters_store.store import AdapterRecord, AdapterStore
 from server.api.keys import KeyTable
 from server.api.logging import HttpMetrics
 from server.engine import Engine, EngineConfig
+from server.engine_types import EngineStats, GenerationRequest, SeqOutput
 from server.metrics import Metrics
 from server.model_loader import LoadedModel, load_base_model
 from server.model_runner import ModelRunner
-from server.residency import Residency
+from server.residency import Residency, ResidencyInfo
 from server.settings import Settings
 from server.tenancy import TenantPolicy, TenantQuota
 
@@ -30,7 +34,7 @@ from server.tenancy import TenantPolicy, TenantQuota
 class Core:
     runner: ModelRunner
     limits: ValidationLimits
-    store: AdapterStore
+    store: AdapterStore | StoreReader
     host: HostCache
     engine: Engine  # not started
     residency: Residency
@@ -39,8 +43,10 @@ class Core:
 
 def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: EngineConfig, *, max_loras: int,
                max_rank: int, max_cpu_loras: int, limits: ValidationLimits | None = None,
-               metrics: Metrics | None = None, tenants: TenantPolicy | None = None, prepack: bool = True) -> Core:
-    """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now)."""
+               metrics: Metrics | None = None, tenants: TenantPolicy | None = None, prepack: bool = True,
+               reader: bool = False) -> Core:
+    """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now; with
+    `reader`, a read-only view of a store another process writes, as a cluster replica has)."""
     metrics = metrics or Metrics()
     tenants = tenants or TenantPolicy(TenantQuota(), open_mode=True)
     limits = limits or ValidationLimits(max_rank=max_rank)
@@ -52,11 +58,39 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
         return parse_adapter(adapter_id, config_bytes, weights, shapes, limits)
 
-    store = AdapterStore(adapters_dir, parse)
+    store = StoreReader(adapters_dir, parse) if reader else AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
     engine = Engine(runner, tokenizer, host, config, metrics, waiting_cap=tenants.waiting_cap)
-    metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, lambda: len(store.list()))
+    stored = (lambda: 0) if reader else (lambda: len(store.list()))
+    metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, stored)
     return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
+
+
+class EngineAPI(Protocol):
+    """What the HTTP routes ask of an engine: ``server.engine.Engine``, or ``server.cluster.remote``'s."""
+
+    max_model_len: int
+
+    @property
+    def alive(self) -> bool: ...
+
+    def validate(self, req: GenerationRequest) -> None: ...
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[SeqOutput]: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+class ResidencyAPI(Protocol):
+    """Where adapters live and the moves the routes make: ``server.residency.Residency``, or the cluster's."""
+
+    async def infos(self, records: list[AdapterRecord]) -> list[ResidencyInfo]: ...
+
+    async def load(self, record: AdapterRecord, pin: bool | None, pin_cap: int | None = None) -> int: ...
+
+    async def evict(self, record: AdapterRecord) -> None: ...
 
 
 @dataclass
@@ -68,8 +102,8 @@ class Services:
     served_model_name: str
     limits: ValidationLimits
     store: AdapterStore
-    engine: Engine
-    residency: Residency
+    engine: EngineAPI  # the engine (single server), or the cluster's replicas behind it
+    residency: ResidencyAPI
     metrics: Metrics
     keys: KeyTable | None
     tenants: TenantPolicy
@@ -98,16 +132,25 @@ def tenant_policy(settings: Settings, keys: KeyTable | None) -> TenantPolicy:
     return TenantPolicy(default, keys.quotas if keys else None, open_mode=keys is None)
 
 
-def build_services(settings: Settings, keys: KeyTable | None) -> Services:
-    """Blocking start-up work (model, store index): run in a worker thread. The engine is not started."""
+def build_engine_core(settings: Settings, keys: KeyTable | None,
+                      reader: bool = False) -> tuple[LoadedModel, TenantPolicy, Core]:
+    """Blocking start-up work (model, store index): run in a worker thread. The engine is not started.
+    `reader`: the store is written by another process (a cluster replica's view of the shared store)."""
     loaded = load_base_model(settings.model, device=settings.device, dtype=settings.dtype,
                              cache_dir=settings.cache_dir)
     limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
     tenants = tenant_policy(settings, keys)
     core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
                       max_loras=settings.max_loras, max_rank=settings.max_rank,
-                      max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants, prepack=settings.prepack)
+                      max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants, prepack=settings.prepack,
+                      reader=reader)
+    return loaded, tenants, core
+
+
+def build_services(settings: Settings, keys: KeyTable | None) -> Services:
+    """The single server's services (blocking: run in a worker thread); the engine is not started."""
+    loaded, tenants, core = build_engine_core(settings, keys)
     return Services(settings=settings, model=loaded, served_model_name=settings.served_model_name or loaded.name,
-                    limits=limits, store=core.store, engine=core.engine, residency=core.residency,
+                    limits=core.limits, store=core.store, engine=core.engine, residency=core.residency,
                     metrics=core.metrics, keys=keys, tenants=tenants, http_metrics=HttpMetrics(core.metrics.registry),
                     started_at=time.time())

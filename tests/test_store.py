@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 import shutil
 import threading
 from collections.abc import Callable
@@ -15,9 +16,16 @@ import safetensors.torch
 import torch
 
 import adapters_store.files as files_mod
-from adapters_store.errors import AdapterConflict, AdapterCorrupt, AdapterNotFound, AdapterValidationError
+from adapters_store.errors import (
+    AdapterConflict,
+    AdapterCorrupt,
+    AdapterError,
+    AdapterNotFound,
+    AdapterValidationError,
+)
 from adapters_store.format import ModuleShape, ValidationLimits, parse_adapter
 from adapters_store.identity import validate_id, validate_namespace
+from adapters_store.reader import StoreReader
 from adapters_store.store import SHARED, AdapterStore
 
 # q: 16 -> 16, v: 16 -> 8 (GQA-like), two layers
@@ -253,6 +261,35 @@ def test_load_of_a_replaced_or_deleted_record_is_not_corruption(store: AdapterSt
     with pytest.raises(AdapterNotFound):
         store.load(old)
     assert store.quarantined == []
+
+
+def test_a_reader_serves_the_versions_it_is_asked_for_and_never_writes(store: AdapterStore, tmp_path: Path) -> None:
+    """A cluster replica's view of the ingress's store: from its own mount point, by record."""
+    old, _ = store.put("acme", "a1", *OLD)
+    (store.root / ".tmp" / "staging").mkdir()  # an upload the writer is staging
+    mount = tmp_path / "mounted-elsewhere"
+    os.symlink(store.root, mount)
+    reader = StoreReader(mount, PARSE)
+    assert reader.load(old).sha256 == old.sha256
+    new, _ = store.put("acme", "a1", *NEW, overwrite=True)
+    before = tree(store.root)
+    with pytest.raises(AdapterNotFound, match="deleted or replaced"):
+        reader.load(old)  # the files are another version now: not found, never quarantined
+    assert reader.load(new).sha256 == new.sha256
+    assert tree(store.root) == before
+    store.delete("acme", "a1")
+    with pytest.raises(AdapterNotFound):
+        reader.load(new)
+    assert store.quarantined == [] and (store.root / ".tmp" / "staging").is_dir()
+
+
+def test_errors_keep_their_status_and_code_through_pickling() -> None:
+    """A replica's typed errors reach the cluster's ingress whole (Ray pickles them)."""
+    error = AdapterError("could not store", status=500, code="storage_error", retry_after=2.0)
+    back = pickle.loads(pickle.dumps(error))
+    assert (type(back), back.message, back.status, back.code, back.retry_after) == (
+        AdapterError, "could not store", 500, "storage_error", 2.0)
+    assert str(back) == "could not store"
 
 
 def test_startup_cleans_temp_leftovers(store: AdapterStore) -> None:

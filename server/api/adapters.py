@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -23,28 +23,32 @@ from server.api.schemas import (
     UnloadLoraAdapterRequest,
 )
 from server.api.upload import UPLOAD_BODY, read_upload_form
-from server.residency import Residency
-from server.services import Services
+from server.residency import ResidencyInfo
+from server.services import ResidencyAPI, Services
 
 router = APIRouter(tags=["adapters"], responses=error_responses(400, 401, 403, 404, 413, 422, 500, 503))
 
 
-async def adapter_infos(residency: Residency, records: list[AdapterRecord]) -> list[dict]:
-    """`adapter_info` of each record, in a worker thread (the slot table's lock is held while a slot loads)."""
-    return await asyncio.to_thread(lambda: [adapter_info(residency, r) for r in records])
+async def adapter_infos(residency: ResidencyAPI, records: list[AdapterRecord]) -> list[dict]:
+    """`adapter_info` of each record."""
+    infos = await residency.infos(records)
+    return [adapter_info(record, info) for record, info in zip(records, infos, strict=True)]
 
 
-def adapter_info(residency: Residency, record: AdapterRecord) -> dict:
-    """Stored metadata plus residency (tier, pin, in-flight count, requests served, last use as unix time)."""
-    info = residency.info(record)
-    last_used = None if info.last_used is None else time.time() - (time.monotonic() - info.last_used)
-    return AdapterInfo(
+def adapter_info(record: AdapterRecord, info: ResidencyInfo) -> dict:
+    """Stored metadata plus residency (tier, pin, in-flight count, requests served, last use as unix time;
+    in a cluster, each replica that holds it)."""
+    body = AdapterInfo(
         id=record.id, namespace=record.namespace, shared=record.namespace == SHARED, kind=record.kind,
         rank=record.rank,
         alpha=record.alpha, target_modules=list(record.target_modules), size_bytes=record.size_bytes,
         sha256=record.sha256, created_at=record.created_at, residency=info.tier, pinned=info.pinned,
-        in_flight=info.in_flight, requests_served=info.served, last_used=last_used,
+        in_flight=info.in_flight, requests_served=info.served, last_used=info.last_used,
+        replicas=[asdict(r) for r in info.replicas] or None,
     ).model_dump()
+    if body["replicas"] is None:  # a single server has no replicas to list
+        del body["replicas"]
+    return body
 
 
 def _store_quota(services: Services, namespace: str) -> StoreQuota | None:

@@ -28,6 +28,7 @@ from server.engine_types import GenerationRequest, SeqOutput, TokenLogprob, Weig
 from server.sampling import SamplingParams
 from server.services import Services
 
+REPLICA_HEADER = "X-Loramux-Replica"
 MIN_LOGPROB = -9999.0  # stands for -inf in JSON, as vLLM reports it
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 
@@ -92,6 +93,12 @@ class GenerationRun:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`X-Loramux-Replica`: in a cluster, the engine replicas that run the request's prompts."""
+        names = sorted({name for it in self._iterators if (name := getattr(it, "replica", None))})
+        return {REPLICA_HEADER: ",".join(names)} if names else {}
 
     async def outputs(self) -> AsyncIterator[tuple[int, SeqOutput]]:
         """(choice index, output) as the engine produces them, every request interleaved."""
@@ -196,7 +203,8 @@ async def serve_generation(request: Request, services: Services, tenant: str | N
     if stream:
         events = _sse(run, job, shape, response_id, created, include_usage, request)
         return _ClosingStreamingResponse(events, cleanup, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                  **run.headers})
     try:
         choices = await _until_disconnect(request, _collect(run, job, request))
     finally:
@@ -206,7 +214,7 @@ async def serve_generation(request: Request, services: Services, tenant: str | N
     usage = _usage(run, choices)
     body = {"id": response_id, "object": shape.object, "created": created, "model": job.model,
             "choices": [shape.choice(c) for c in choices], "usage": usage}
-    return JSONResponse(body)
+    return JSONResponse(body, headers=run.headers)
 
 
 def _check_sequences(job: Job, cap: int | None) -> None:

@@ -192,6 +192,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ReplicaResidency(BaseModel):
+    replica: str = Field(description="the engine replica's id")
+    tier: Literal["disk", "host", "device"]
+    slot: int | None
+    pinned: bool
+    in_flight: int
+
+
 class AdapterInfo(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
@@ -210,6 +218,8 @@ class AdapterInfo(BaseModel):
     in_flight: int
     requests_served: int
     last_used: float | None = Field(description="unix time of the last request, null if never used")
+    replicas: list[ReplicaResidency] | None = Field(
+        None, description="cluster mode only: each engine replica that holds this version, and how")
 
 
 class AdapterList(BaseModel):

@@ -1,0 +1,161 @@
+"""Cluster benchmark: skewed traffic over many adapters through `loramux-cluster`, three ways.
+
+Zipf-distributed requests (exponent --zipf) over --adapters PEFT adapters of ranks 4-64 on every linear layer
+of the default model, chat prompts of 20-60 tokens, --new-tokens each, greedy, ignore_eos, streamed over HTTP
+by --concurrency closed-loop clients (each sends its next request when the previous one ends), through:
+  affinity  2 replicas, --slots device slots each, the adapter-affinity router (the default)
+  random    the same 2 replicas with Ray's default router, blind to adapters (--routing random)
+  single    1 replica
+Each replica runs one engine thread on its own core (--replica-cpus 1), so the 2-replica configurations use
+2 cores and `single` one. Per run: output tokens/s at the client (completion tokens / first send to last
+chunk), adapter loads into device slots per 100 requests (the replicas' counters), p99 time to first chunk.
+Configurations run in rotation (each deployed afresh per repetition), medians of --reps. Ratios printed and
+written with --json; the goals: affinity / random tok/s >= 1.3, loads <= 0.25x; affinity / single >= 1.6.
+
+    python bench/cluster.py --json bench/cluster.json
+    python bench/cluster.py --quick           # smoke test: 8 adapters, 24 requests, 1 repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import ray
+from common import ALL_LINEAR, DTYPES, emit, load_default, make_peft
+from serve import write_peft_dirs
+from workloads import RANKS, SEED, chat_prompts, log, percentile
+
+from server.cluster.launch import NAMESPACE, deploy, prepare, shutdown, start_ray
+from server.cluster.settings import ClusterSettings
+from server.cluster.state import STATE_ACTOR
+
+CONFIGS = {"affinity": dict(replicas=2, routing="affinity"), "random": dict(replicas=2, routing="random"),
+           "single": dict(replicas=1, routing="affinity")}
+PORT = 8765
+
+
+def zipf_choices(n_adapters: int, n: int, exponent: float, rng: random.Random) -> list[int]:
+    weights = [1 / (k + 1) ** exponent for k in range(n_adapters)]
+    return rng.choices(range(n_adapters), weights=weights, k=n)
+
+
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
+    """(seconds to the first chunk, completion tokens) of one streamed request."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{model}: {r.status_code} {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if first is None:
+                first = time.perf_counter() - start
+            usage = json.loads(line[6:]).get("usage")
+            if usage:
+                tokens = usage["completion_tokens"]
+    return first or 0.0, tokens
+
+
+async def closed_loop(url: str, jobs: list[tuple[str, list[int]]], new_tokens: int, concurrency: int) -> dict:
+    queue = list(reversed(jobs))
+    ttfts: list[float] = []
+    tokens = 0
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal tokens
+            while queue:
+                model, prompt = queue.pop()
+                ttft, n = await stream_one(client, model, prompt, new_tokens)
+                ttfts.append(ttft)
+                tokens += n
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"tok_s": tokens / wall, "ttft_p99_s": percentile(ttfts, 0.99), "wall_s": wall}
+
+
+def device_loads() -> float:
+    state = ray.get_actor(STATE_ACTOR, namespace=NAMESPACE)
+    return sum(r.counters["loads_device"] for r in ray.get(state.reports.remote()))
+
+
+def run_config(name: str, base: ClusterSettings, jobs, warm, args) -> dict:
+    settings = prepare(base.model_copy(update=CONFIGS[name]))
+    deploy(settings)
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        asyncio.run(closed_loop(url, warm, 4, min(len(warm), 4)))  # kernels and caches warm, no adapter
+        before = device_loads()
+        result = asyncio.run(closed_loop(url, jobs, args.new_tokens, args.concurrency))
+        result["loads_per_100"] = 100 * (device_loads() - before) / len(jobs)
+    finally:
+        shutdown()
+    log(f"{name}: {result}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=48)
+    parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.quick:
+        args.adapters, args.requests, args.reps, args.concurrency, args.new_tokens = 8, 24, 1, 8, 8
+    loaded = load_default(args.dtype)
+    names = [f"z{i}" for i in range(args.adapters)]
+    ranks = [RANKS[i % len(RANKS)] for i in range(args.adapters)]
+    peft = make_peft(loaded.model, {n: dict(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR)
+                                    for n, r in zip(names, ranks, strict=True)}, seed=SEED)
+    rng = random.Random(SEED)
+    prompts = chat_prompts(loaded.tokenizer, args.requests, rng)
+    picks = zipf_choices(args.adapters, args.requests, args.zipf, rng)
+    jobs = [(names[k], p) for k, p in zip(picks, prompts, strict=True)]
+    warm = [(loaded.name, p) for p in prompts[:4]]
+    work = Path(tempfile.mkdtemp(prefix="loramux-bench-cluster-"))
+    seed_dir = write_peft_dirs(peft, names, work / "peft")
+    del peft, loaded
+    base = ClusterSettings(model="default", adapters_dir=work / "store", seed_adapters=seed_dir, port=PORT,
+                           device="cpu", dtype=DTYPES[args.dtype], max_loras=args.slots, max_cpu_loras=args.adapters,
+                           max_model_len=256, kv_cache_tokens=8192, replica_cpus=1, ray_cpus=2,
+                           max_concurrent_per_tenant=4096, log_level="warning")
+    start_ray(base)
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for rep in range(args.reps):
+        for name in CONFIGS:
+            log(f"rep {rep + 1}/{args.reps}")
+            runs[name].append(run_config(name, base, jobs, warm, args))
+    results: dict[str, float | int | str] = {"dtype": args.dtype, "adapters": args.adapters, "slots": args.slots,
+                                             "requests": args.requests, "zipf": args.zipf, "reps": args.reps,
+                                             "cores_per_replica": 1}
+    for name, rs in runs.items():
+        for key in ("tok_s", "loads_per_100", "ttft_p99_s"):
+            results[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
+    results["affinity_vs_random_tok_s"] = results["affinity_tok_s"] / results["random_tok_s"]
+    results["affinity_vs_random_loads"] = results["affinity_loads_per_100"] / max(results["random_loads_per_100"],
+                                                                                    1e-9)
+    results["two_vs_one_replica_tok_s"] = results["affinity_tok_s"] / results["single_tok_s"]
+    emit(results, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""`loramux-cluster`: the server's flags plus --replicas and friends; runs until interrupted."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from server.__main__ import build_parser, configure_logging, parse_settings
+from server.cluster.launch import deploy, prepare, start_ray
+from server.cluster.settings import ClusterSettings
+
+log = logging.getLogger("loramux.cluster")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser(ClusterSettings, prog="loramux-cluster",
+                          description="loramux on Ray Serve: an ingress with the same HTTP API in front of "
+                                      "engine replicas that share one adapter store.")
+    settings = parse_settings(argv, parser, ClusterSettings)
+    configure_logging(settings.log_level)
+    start_ray(settings)
+    settings = prepare(settings)
+    log.info("starting %d engine replicas (%.3g CPUs each) behind http://%s:%d", settings.replicas,
+             settings.replica_cpus, settings.host, settings.port)
+    deploy(settings, blocking=True)
+
+
+if __name__ == "__main__":
+    main()

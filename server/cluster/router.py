@@ -1,0 +1,79 @@
+"""Adapter-affinity routing of requests to engine replicas (a Ray Serve request router).
+
+For a request whose multiplexed model id names an adapter version:
+
+1. replicas that hold it (Ray's model ids on each replica, plus the replicas this router sent it to in the
+   last ``memory_s`` seconds, which Ray learns of only after the replica's load) come first; Ray's router
+   then takes the one with the shortest queue among them;
+2. when every holder already runs ``spread_queue`` or more of that adapter's requests, the other replicas
+   join the first rank, so the shortest queue overall takes it and the adapter spreads to a second replica
+   (Ray's own multiplex routing keeps a hot adapter on one replica while it accepts requests);
+3. an adapter no replica holds goes to the replicas holding the fewest adapters, then to the rest.
+
+Requests without a model id (the base model, compositions) go to the shortest queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    def initialize_state(self, spread_queue: int = 8, memory_s: float = 2.0) -> None:
+        self.spread_queue = spread_queue
+        self.memory_s = memory_s
+        self._inflight: dict[ReplicaID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._owner: dict[str, tuple[ReplicaID, str]] = {}  # internal request id -> (replica, model id)
+        self._sent: dict[str, dict[ReplicaID, float]] = defaultdict(dict)  # model id -> replica -> last send
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not model_id or len(candidate_replicas) < 2:
+            return [candidate_replicas]
+        return self.rank(candidate_replicas, model_id)
+
+    def rank(self, replicas: list[RunningReplica], model_id: str) -> list[list[RunningReplica]]:
+        holders = [r for r in replicas if self._holds(r, model_id)]
+        others = [r for r in replicas if r not in holders]
+        if not holders:
+            fewest = min(len(r.multiplexed_model_ids) for r in others)
+            least = [r for r in others if len(r.multiplexed_model_ids) == fewest]
+            return [least, [r for r in others if r not in least]] if len(least) < len(others) else [least]
+        if not others:
+            return [holders]
+        if min(self._inflight[r.replica_id][model_id] for r in holders) >= self.spread_queue:
+            return [holders + others]
+        return [holders, others]
+
+    def _holds(self, replica: RunningReplica, model_id: str) -> bool:
+        if model_id in replica.multiplexed_model_ids:
+            return True
+        sent = self._sent[model_id].get(replica.replica_id)
+        return sent is not None and time.monotonic() - sent < self.memory_s
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        model_id = pending_request.metadata.multiplexed_model_id
+        if not model_id:
+            return
+        self._inflight[replica_id][model_id] += 1
+        self._owner[pending_request.metadata.internal_request_id] = (replica_id, model_id)
+        self._sent[model_id][replica_id] = time.monotonic()
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        owner = self._owner.pop(internal_request_id, None)
+        if owner is None:
+            return
+        counts = self._inflight[owner[0]]
+        counts[owner[1]] -= 1
+        if counts[owner[1]] <= 0:
+            del counts[owner[1]]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._inflight.pop(replica_id, None)
+        for sent in self._sent.values():
+            sent.pop(replica_id, None)
