@@ -37,16 +37,16 @@ FIRST_REPORT_S = 900.0  # how long the ingress waits for a replica to load its m
 async def cluster_lifespan(app: FastAPI, settings: ClusterSettings, keys: KeyTable | None, engines,
                            state) -> AsyncIterator[None]:
     view = ReplicaView(state)
-    first = await view.first(FIRST_REPORT_S)
+    facts = await view.facts(FIRST_REPORT_S)
     loaded = await asyncio.to_thread(load_tokenizer, settings.model, settings.cache_dir)
     limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
 
     def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
-        return parse_adapter(adapter_id, config_bytes, weights, first.shapes, limits)
+        return parse_adapter(adapter_id, config_bytes, weights, facts.shapes, limits)
 
     store = await asyncio.to_thread(AdapterStore, settings.adapters_dir, parse)
     affinity = settings.routing == "affinity"
-    engine = RemoteEngine(engines, view, first.limits, affinity)
+    engine = RemoteEngine(engines, view, facts.limits, affinity)
     metrics = Metrics()  # the batch gauges: the replicas' sums
     metrics.watch(lambda: engine.stats().running, lambda: engine.stats().waiting,
                   lambda: engine.stats().kv_tokens_used)

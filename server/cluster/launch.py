@@ -47,7 +47,7 @@ def deploy(settings: ClusterSettings, blocking: bool = False):
     serve.start(http_options={"host": settings.host, "port": settings.port})
     state = ray.remote(ClusterState).options(name=STATE_ACTOR, namespace=NAMESPACE, get_if_exists=True,
                                              num_cpus=0, max_restarts=-1).remote()
-    engines = replica_deployment(settings).bind(settings, state)
+    engines = replica_deployment(settings).bind(settings.for_replica(), state)
     app = ingress_deployment(settings).bind(engines, state)
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
 

@@ -21,7 +21,7 @@ from adapters_store.errors import ServingError
 from adapters_store.identity import AdapterIdentity
 from adapters_store.store import AdapterRecord
 from server.cluster.replica import Accepted, Refused
-from server.cluster.state import SYNC_S, ReplicaReport
+from server.cluster.state import SYNC_S, ModelFacts, ReplicaReport
 from server.engine_types import EngineStats, GenerationRequest, SeqOutput
 from server.errors import EngineStopped
 from server.residency import ReplicaResidency, ResidencyInfo
@@ -51,14 +51,14 @@ class ReplicaView:
         self.reports = await self.state.reports.remote()
         return self.reports
 
-    async def first(self, timeout: float) -> ReplicaReport:
-        """Wait until some replica has reported (it has loaded its model)."""
+    async def facts(self, timeout: float) -> ModelFacts:
+        """The base model's facts, once some replica has loaded it and reported."""
         deadline = time.monotonic() + timeout
-        while not await self.refresh():
+        while not await self.refresh() or (facts := await self.state.facts.remote()) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no engine replica reported within {timeout:.0f} s")
             await asyncio.sleep(SYNC_S)
-        return self.reports[0]
+        return facts
 
     def start(self) -> None:
         async def loop() -> None:
@@ -67,7 +67,7 @@ class ReplicaView:
                     await self.refresh()
                 except RayError:
                     log.exception("could not read the cluster state")
-                await asyncio.sleep(SYNC_S * 5)
+                await asyncio.sleep(SYNC_S * 2)
 
         self._task = asyncio.ensure_future(loop())
 

@@ -22,7 +22,7 @@ from adapters_store.errors import NoFreeSlot, ServingError
 from adapters_store.store import AdapterRecord
 from server.api.keys import KeyTable
 from server.cluster.settings import ClusterSettings
-from server.cluster.state import SYNC_S, ReplicaReport
+from server.cluster.state import SYNC_S, ModelFacts, ReplicaReport
 from server.engine_types import GenerationRequest, SeqOutput
 from server.services import build_engine_core
 from server.threads import in_fresh_thread, single_threaded, single_threaded_executor
@@ -72,7 +72,8 @@ class EngineReplica:
                                                 threads=settings.threads)
         self.core.engine.start()
         self._loop = loop
-        self._applied = await state.current.remote()
+        facts = ModelFacts(limits=self.engine.limits, shapes=self.core.runner.lora.shapes)
+        self._applied = await state.register.remote(facts)
         self._sync = asyncio.ensure_future(self._sync_loop())
         self._drain_timeout = settings.drain_timeout
         log.info("replica %s (pid %d) ready: %d LoRA slots", self.name, os.getpid(), self.core.runner.lora.n_slots)
@@ -139,8 +140,7 @@ class EngineReplica:
         host, device = core.host.stats, core.runner.slots.stats
         counters.update(loads_host=host.loads, loads_device=device.loads)
         return ReplicaReport(replica=self.name, pid=os.getpid(), applied=self._applied,
-                             held=core.residency.held(), stats=self.engine.stats(), counters=counters,
-                             limits=self.engine.limits, shapes=core.runner.lora.shapes)
+                             held=core.residency.held(), stats=self.engine.stats(), counters=counters)
 
     def check_health(self) -> None:
         """Ray's health check: a replica whose engine thread died is restarted."""
@@ -153,14 +153,14 @@ class EngineReplica:
 
 
 def replica_deployment(settings: ClusterSettings):
-    """The Ray Serve deployment of `EngineReplica` for these settings (replicas, resources, cache size)."""
+    """The Ray Serve deployment of `EngineReplica` for these settings (replicas, resources, cache size); bind
+    it with `settings.for_replica()` and the cluster state actor."""
     from ray.serve.config import RequestRouterConfig
 
     class LoramuxEngine(EngineReplica):
         # Ray finds the method by the wrapped function's own name
         _load_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_loras)(EngineReplica._load_adapter)
 
-    settings = settings.model_copy(update={"threads": settings.replica_threads()})
 
     resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
     options = {}

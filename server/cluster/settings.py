@@ -23,8 +23,9 @@ class ClusterSettings(Settings):
                                                    "it before a replica that does not may take the next")
     max_ongoing_requests: int = Field(256, ge=1, description="requests in flight on one replica before Ray "
                                                              "queues the next in the ingress")
-    health_period_s: float = Field(2.0, gt=0, description="seconds between Ray's health checks of a replica")
+    health_period_s: float = Field(10.0, gt=0, description="seconds between Ray's health checks of a replica")
 
-    def replica_threads(self) -> int:
-        """The engine threads of one replica: --threads, else its reserved CPUs."""
-        return self.threads or max(1, int(self.replica_cpus))
+    def for_replica(self) -> ClusterSettings:
+        """A replica's settings: its engine threads are --threads, else the CPUs reserved for it (not every
+        core of the machine, which the other replicas share)."""
+        return self.model_copy(update={"threads": self.threads or max(1, int(self.replica_cpus))})

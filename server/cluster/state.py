@@ -18,7 +18,7 @@ from server.engine_types import EngineStats
 from server.residency import ResidencyInfo
 from server.validation import RequestLimits
 
-SYNC_S = 0.1
+SYNC_S = 0.25
 STALE_S = 3.0
 MAX_EVENTS = 10_000  # evictions kept for replicas that fall behind (a replica that far behind re-syncs empty)
 STATE_ACTOR = "loramux-cluster-state"
@@ -32,9 +32,15 @@ class ReplicaReport:
     held: dict[AdapterIdentity, ResidencyInfo]  # versions in its host or device memory
     stats: EngineStats
     counters: dict[str, float]  # totals since the replica started: requests, tokens, adapter loads
+    at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the ingress needs of the base model, which it does not load: from the first replica."""
+
     limits: RequestLimits
     shapes: dict[str, ModuleShape]  # the base model's projections (what uploads are validated against)
-    at: float = field(default_factory=time.time)
 
 
 class ClusterState:
@@ -44,10 +50,15 @@ class ClusterState:
         self._reports: dict[str, ReplicaReport] = {}
         self._events: list[tuple[int, AdapterIdentity]] = []
         self._seq = 0
+        self._facts: ModelFacts | None = None
 
-    def current(self) -> int:
-        """The last eviction issued (a new replica starts there: it holds nothing older)."""
+    def register(self, facts: ModelFacts) -> int:
+        """A replica starts: returns the last eviction issued (it holds nothing older)."""
+        self._facts = self._facts or facts
         return self._seq
+
+    def facts(self) -> ModelFacts | None:
+        return self._facts
 
     def report(self, report: ReplicaReport) -> list[tuple[int, AdapterIdentity]]:
         """Record a replica's report; returns the evictions it has not applied yet, oldest first."""
