@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ADAPTERS_DIR ?= .loramux/adapters
 
-.PHONY: install serve test lint bench bench-peers demo-adapters clean
+.PHONY: install serve cluster test lint bench bench-peers bench-cluster demo-adapters clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ serve: $(STAMP)
 	$(VENV)/bin/loramux-server --model default --adapters-dir $(ADAPTERS_DIR) \
 		--seed-adapters adapters_store/demo --host $(HOST) --port $(PORT)
 
+REPLICAS ?= 2
+
+cluster: $(STAMP)
+	$(VENV)/bin/loramux-cluster --model default --adapters-dir $(ADAPTERS_DIR) \
+		--seed-adapters adapters_store/demo --host $(HOST) --port $(PORT) --replicas $(REPLICAS)
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
@@ -34,6 +40,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py --json bench/lora_overhead.json
 	$(PY) bench/engine.py --json bench/engine.json
+
+bench-cluster: $(STAMP)
+	$(PY) bench/cluster.py --json bench/cluster.json
 
 bench-peers: $(STAMP) $(VLLM_STAMP)
 	$(PY) bench/peers.py --vllm-python $(VLLM_VENV)/bin/python --json bench/peers.json

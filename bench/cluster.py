@@ -2,13 +2,16 @@
 
 Zipf-distributed requests (exponent --zipf) over --adapters PEFT adapters of ranks 4-64 on every linear layer
 of the default model, chat prompts of 20-60 tokens, --new-tokens each, greedy, ignore_eos, streamed over HTTP
-by --concurrency closed-loop clients (each sends its next request when the previous one ends), through:
+by --concurrency closed-loop clients (each sends its next request when the previous one ends), after a warm
+pass of half as many requests drawn alike (so residency is in its steady state, not cold), through:
   affinity  2 replicas, --slots device slots each, the adapter-affinity router (the default)
   random    the same 2 replicas with Ray's default router, blind to adapters (--routing random)
   single    1 replica
 Each replica runs one engine thread on its own core (--replica-cpus 1), so the 2-replica configurations use
-2 cores and `single` one. Per run: output tokens/s at the client (completion tokens / first send to last
-chunk), adapter loads into device slots per 100 requests (the replicas' counters), p99 time to first chunk.
+2 cores and `single` one. Each replica's host cache keeps --host-copies idle adapters (default: as many as its
+slots, the case of far more adapters than memory), so a miss reads the store. Per run: output tokens/s at the
+client (completion tokens / first send to last chunk), adapter loads per 100 requests into device slots and
+from the store into host memory (the replicas' counters), p99 time to first chunk.
 Configurations run in rotation (each deployed afresh per repetition), medians of --reps. Ratios printed and
 written with --json; the goals: affinity / random tok/s >= 1.3, loads <= 0.25x; affinity / single >= 1.6.
 
@@ -86,9 +89,10 @@ async def closed_loop(url: str, jobs: list[tuple[str, list[int]]], new_tokens: i
     return {"tok_s": tokens / wall, "ttft_p99_s": percentile(ttfts, 0.99), "wall_s": wall}
 
 
-def device_loads() -> float:
+def loads() -> dict[str, float]:
     state = ray.get_actor(STATE_ACTOR, namespace=NAMESPACE)
-    return sum(r.counters["loads_device"] for r in ray.get(state.reports.remote()))
+    reports = ray.get(state.reports.remote())
+    return {tier: sum(r.counters[f"loads_{tier}"] for r in reports) for tier in ("device", "host")}
 
 
 def run_config(name: str, base: ClusterSettings, jobs, warm, args) -> dict:
@@ -96,10 +100,12 @@ def run_config(name: str, base: ClusterSettings, jobs, warm, args) -> dict:
     deploy(settings)
     url = f"http://127.0.0.1:{settings.port}"
     try:
-        asyncio.run(closed_loop(url, warm, 4, min(len(warm), 4)))  # kernels and caches warm, no adapter
-        before = device_loads()
+        asyncio.run(closed_loop(url, warm, args.new_tokens, args.concurrency))
+        before = loads()
         result = asyncio.run(closed_loop(url, jobs, args.new_tokens, args.concurrency))
-        result["loads_per_100"] = 100 * (device_loads() - before) / len(jobs)
+        after = loads()
+        for tier in after:
+            result[f"{tier}_loads_per_100"] = 100 * (after[tier] - before[tier]) / len(jobs)
     finally:
         shutdown()
     log(f"{name}: {result}")
@@ -111,7 +117,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--host-copies", type=int, help="idle adapters a replica keeps in host memory "
+                        "(default: --slots)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--zipf", type=float, default=1.1)
@@ -127,15 +135,17 @@ def main() -> None:
     peft = make_peft(loaded.model, {n: dict(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR)
                                     for n, r in zip(names, ranks, strict=True)}, seed=SEED)
     rng = random.Random(SEED)
-    prompts = chat_prompts(loaded.tokenizer, args.requests, rng)
-    picks = zipf_choices(args.adapters, args.requests, args.zipf, rng)
-    jobs = [(names[k], p) for k, p in zip(picks, prompts, strict=True)]
-    warm = [(loaded.name, p) for p in prompts[:4]]
+    n_warm = args.requests // 2
+    prompts = chat_prompts(loaded.tokenizer, args.requests + n_warm, rng)
+    picks = zipf_choices(args.adapters, args.requests + n_warm, args.zipf, rng)
+    drawn = [(names[k], p) for k, p in zip(picks, prompts, strict=True)]
+    warm, jobs = drawn[:n_warm], drawn[n_warm:]
     work = Path(tempfile.mkdtemp(prefix="loramux-bench-cluster-"))
     seed_dir = write_peft_dirs(peft, names, work / "peft")
     del peft, loaded
     base = ClusterSettings(model="default", adapters_dir=work / "store", seed_adapters=seed_dir, port=PORT,
-                           device="cpu", dtype=DTYPES[args.dtype], max_loras=args.slots, max_cpu_loras=args.adapters,
+                           device="cpu", dtype=DTYPES[args.dtype], max_loras=args.slots,
+                           max_cpu_loras=args.slots if args.host_copies is None else args.host_copies,
                            max_model_len=256, kv_cache_tokens=8192, replica_cpus=1, ray_cpus=2,
                            max_concurrent_per_tenant=4096, log_level="warning")
     start_ray(base)
@@ -145,14 +155,16 @@ def main() -> None:
             log(f"rep {rep + 1}/{args.reps}")
             runs[name].append(run_config(name, base, jobs, warm, args))
     results: dict[str, float | int | str] = {"dtype": args.dtype, "adapters": args.adapters, "slots": args.slots,
-                                             "requests": args.requests, "zipf": args.zipf, "reps": args.reps,
-                                             "cores_per_replica": 1}
+                                             "host_copies": base.max_cpu_loras, "requests": args.requests,
+                                             "zipf": args.zipf, "reps": args.reps, "cores_per_replica": 1}
     for name, rs in runs.items():
-        for key in ("tok_s", "loads_per_100", "ttft_p99_s"):
+        for key in ("tok_s", "device_loads_per_100", "host_loads_per_100", "ttft_p99_s"):
             results[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
     results["affinity_vs_random_tok_s"] = results["affinity_tok_s"] / results["random_tok_s"]
-    results["affinity_vs_random_loads"] = results["affinity_loads_per_100"] / max(results["random_loads_per_100"],
-                                                                                    1e-9)
+    for tier in ("device", "host"):
+        results[f"affinity_vs_random_{tier}_loads"] = (results[f"affinity_{tier}_loads_per_100"]
+                                                       / max(results[f"random_{tier}_loads_per_100"], 1e-9))
+    results["affinity_vs_random_ttft_p99"] = results["affinity_ttft_p99_s"] / results["random_ttft_p99_s"]
     results["two_vs_one_replica_tok_s"] = results["affinity_tok_s"] / results["single_tok_s"]
     emit(results, args.json)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.__main__ import parse_settings
+from server.__main__ import build_parser, parse_settings
+from server.cluster.settings import ClusterSettings
 
 
 def test_cli_flags_and_environment(monkeypatch):
@@ -33,3 +34,15 @@ def test_cli_flags_and_environment(monkeypatch):
     monkeypatch.delenv("LORAMUX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/xdg")
     assert parse_settings([]).cache_dir == Path("/tmp/xdg/loramux")
+
+
+def test_cluster_flags_extend_the_servers():
+    parser = build_parser(ClusterSettings, prog="loramux-cluster")
+    s = parse_settings(["--replicas", "3", "--routing", "random", "--replica-cpus", "2", "--max-loras", "8"], parser,
+                       ClusterSettings)
+    assert (s.replicas, s.routing, s.replica_cpus, s.max_loras, s.spread_queue) == (3, "random", 2.0, 8, 8)
+    assert s.threads is None and s.for_replica().threads == 2  # a replica's engine: its own CPUs, not every core
+    assert ClusterSettings(threads=1, replica_cpus=4).for_replica().threads == 1
+    for bad in (["--replicas", "0"], ["--routing", "nearest"], ["--spread-queue", "0"]):
+        with pytest.raises(SystemExit):
+            parse_settings(bad, build_parser(ClusterSettings), ClusterSettings)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from server.__main__ import build_parser, configure_logging, parse_settings
+from server.app import load_keys
 from server.cluster.launch import deploy, prepare, start_ray
 from server.cluster.settings import ClusterSettings
 
@@ -18,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                       "engine replicas that share one adapter store.")
     settings = parse_settings(argv, parser, ClusterSettings)
     configure_logging(settings.log_level)
+    load_keys(settings)  # reads (or, with --create-keys-file, creates) the keys file before anything starts
     start_ray(settings)
     settings = prepare(settings)
     log.info("starting %d engine replicas (%.3g CPUs each) behind http://%s:%d", settings.replicas,

@@ -197,7 +197,11 @@ class ClusterResidency:
     async def load(self, record: AdapterRecord, pin: bool | None, pin_cap: int | None = None) -> int:
         """Make resident on the replica the router picks for it (one that holds it, if any)."""
         mid = model_id(record, self.affinity)
-        result = await self.handle.options(multiplexed_model_id=mid).load.remote(record, pin, pin_cap)
+        try:
+            result = await self.handle.options(multiplexed_model_id=mid).load.remote(record, pin, pin_cap)
+        except RayError as e:
+            raise EngineStopped(f"the engine replica loading adapter '{record.id}' stopped "
+                                f"({type(e).__name__}); retry") from None
         if isinstance(result, Refused):
             raise result.error
         return result[1]

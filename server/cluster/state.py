@@ -49,7 +49,8 @@ class ClusterState:
     def __init__(self) -> None:
         self._reports: dict[str, ReplicaReport] = {}
         self._events: list[tuple[int, AdapterIdentity]] = []
-        self._seq = 0
+        # numbered from the clock: a restarted actor (Ray restarts it) numbers above what replicas applied before
+        self._seq = time.time_ns()
         self._facts: ModelFacts | None = None
 
     def register(self, facts: ModelFacts) -> int:
