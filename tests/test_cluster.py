@@ -37,24 +37,36 @@ def cluster(tmp_path_factory, tiny_model_dir, seeded):
         yield c
 
 
-@pytest.fixture(scope="module")
-def traffic() -> list[tuple[str, str]]:
-    """Mixed traffic: every adapter and the base model, several prompts."""
-    return [(model, PROMPTS[i % len(PROMPTS)]) for i, model in enumerate(ADAPTERS * 2 + ["model"] * 3)]
+COMPOSED = {"adapters": [{"id": "a1", "weight": 0.7}, {"id": "a6", "weight": 0.3}]}
 
 
 @pytest.fixture(scope="module")
-def single_server_texts(tmp_path_factory, tiny_model_dir, seeded, traffic) -> list[str]:
+def traffic() -> list[tuple[str, str, dict]]:
+    """Mixed traffic: every adapter, the base model and a composition of two, several prompts."""
+    plain = [(model, PROMPTS[i % len(PROMPTS)], {}) for i, model in enumerate(ADAPTERS * 2 + ["model"] * 3)]
+    return plain + [("model", PROMPTS[0], COMPOSED), ("model", PROMPTS[3], COMPOSED)]
+
+
+@pytest.fixture(scope="module")
+def single_server_choices(tmp_path_factory, tiny_model_dir, seeded, traffic) -> list[dict]:
     """The same requests, one at a time, through the single server."""
     settings = make_settings(tiny_model_dir, tmp_path_factory.mktemp("single-store"), seed_adapters=seeded,
                              served_model_name="model")
     with thread_server(settings) as server, httpx.Client(base_url=server.url, timeout=60) as c:
-        return [complete(c, model, prompt) for model, prompt in traffic]
+        return [choice(c.post("/v1/completions", json=body(m, p, **extra))) for m, p, extra in traffic]
+
+
+def choice(r: httpx.Response) -> dict:
+    """Text and per-token logprobs of a completion's only choice (logprobs show that the adapter is applied:
+    the tiny model's greedy text barely moves with one)."""
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    return {"text": c["text"], "logprobs": c["logprobs"]["token_logprobs"]}
 
 
 def body(model: str, prompt: str, max_tokens: int = 8, **extra) -> dict:
     return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            **extra}
+            "logprobs": 0, **extra}
 
 
 def complete(client: httpx.Client, model: str, prompt: str, **extra) -> str:
@@ -74,16 +86,18 @@ def listing(cluster: Cluster, key: str = OPS, **params) -> dict[str, dict]:
         return {a["id"]: a for a in c.get("/v1/adapters", params=params).json()["data"]}
 
 
-def test_outputs_equal_the_single_servers(cluster, traffic, single_server_texts):
-    responses = asyncio.run(concurrently(cluster, [body(m, p) for m, p in traffic]))
-    assert [r.status_code for r in responses] == [200] * len(traffic)
-    assert [r.json()["choices"][0]["text"] for r in responses] == single_server_texts
+def test_outputs_equal_the_single_servers(cluster, traffic, single_server_choices):
+    responses = asyncio.run(concurrently(cluster, [body(m, p, **extra) for m, p, extra in traffic]))
+    got = [choice(r) for r in responses]
+    assert [g["text"] for g in got] == [s["text"] for s in single_server_choices]
+    for g, s in zip(got, single_server_choices, strict=True):  # batches differ: logprobs agree to float noise
+        assert g["logprobs"] == pytest.approx(s["logprobs"], abs=1e-4)
     replicas = {r.headers["x-loramux-replica"] for r in responses}
     assert replicas <= {rep.replica for rep in cluster.reports()}
     with cluster.client(Authorization=f"Bearer {OPS}") as c:  # streamed: the same text, chunk by chunk
-        streamed = c.post("/v1/completions", json=body(*traffic[1], stream=True)).text
+        streamed = c.post("/v1/completions", json=body(*traffic[1][:2], stream=True)).text
     chunks = [line.removeprefix("data: ") for line in streamed.splitlines() if line.startswith("data: {")]
-    assert "".join(json.loads(x)["choices"][0]["text"] for x in chunks) == single_server_texts[1]
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in chunks) == single_server_choices[1]["text"]
     assert streamed.rstrip().endswith("data: [DONE]")
 
 
