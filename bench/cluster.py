@@ -14,6 +14,8 @@ client (completion tokens / first send to last chunk), adapter loads per 100 req
 from the store into host memory (the replicas' counters), p99 time to first chunk.
 Configurations run in rotation (each deployed afresh per repetition), medians of --reps. Ratios printed and
 written with --json; the goals: affinity / random tok/s >= 1.3, loads <= 0.25x; affinity / single >= 1.6.
+Also the floor of the loads: slot misses of the same traffic simulated for random routing with an LRU per
+replica, for adapters split between the replicas with an LRU each, and with Belady's clairvoyant eviction.
 
     python bench/cluster.py --json bench/cluster.json
     python bench/cluster.py --quick           # smoke test: 8 adapters, 24 requests, 1 repetition
@@ -28,6 +30,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import httpx
@@ -48,6 +51,51 @@ PORT = 8765
 def zipf_choices(n_adapters: int, n: int, exponent: float, rng: random.Random) -> list[int]:
     weights = [1 / (k + 1) ** exponent for k in range(n_adapters)]
     return rng.choices(range(n_adapters), weights=weights, k=n)
+
+
+def lru_misses(stream: list[int], capacity: int) -> int:
+    cache: OrderedDict[int, None] = OrderedDict()
+    misses = 0
+    for x in stream:
+        if x in cache:
+            cache.move_to_end(x)
+            continue
+        misses += 1
+        cache[x] = None
+        if len(cache) > capacity:
+            cache.popitem(last=False)
+    return misses
+
+
+def belady_misses(stream: list[int], capacity: int) -> int:
+    """Misses of the clairvoyant policy (evict the adapter needed again last): no cache does better."""
+    following, seen = [0] * len(stream), {}
+    for i in range(len(stream) - 1, -1, -1):
+        following[i] = seen.get(stream[i], len(stream))
+        seen[stream[i]] = i
+    cache: dict[int, int] = {}  # adapter -> index of its next request
+    misses = 0
+    for i, x in enumerate(stream):
+        if x not in cache:
+            misses += 1
+            if len(cache) >= capacity:
+                del cache[max(cache, key=cache.get)]
+        cache[x] = following[i]
+    return misses
+
+
+def cache_floor(args, n: int = 200_000) -> dict[str, float]:
+    """Slot misses per 100 requests on the benchmark's traffic, simulated: 2 replicas with random routing and
+    an LRU each; adapters split between them (balanced by traffic) with an LRU each, and with Belady's."""
+    rng = random.Random(SEED + 1)
+    stream = zipf_choices(args.adapters, n, args.zipf, rng)
+    halves: list[list[int]] = [[], []]
+    for x in stream:
+        halves[rng.randrange(2)].append(x)
+    split = [[x for x in stream if (x % 4 in (0, 3)) == (r == 0)] for r in (0, 1)]
+    return {"sim_random_lru_misses_per_100": 100 * sum(lru_misses(h, args.slots) for h in halves) / n,
+            "sim_split_lru_misses_per_100": 100 * sum(lru_misses(h, args.slots) for h in split) / n,
+            "sim_split_belady_misses_per_100": 100 * sum(belady_misses(h, args.slots) for h in split) / n}
 
 
 async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
@@ -166,6 +214,9 @@ def main() -> None:
                                                        / max(results[f"random_{tier}_loads_per_100"], 1e-9))
     results["affinity_vs_random_ttft_p99"] = results["affinity_ttft_p99_s"] / results["random_ttft_p99_s"]
     results["two_vs_one_replica_tok_s"] = results["affinity_tok_s"] / results["single_tok_s"]
+    results |= cache_floor(args)
+    results["sim_floor_vs_random_loads"] = (results["sim_split_belady_misses_per_100"]
+                                            / results["sim_random_lru_misses_per_100"])
     emit(results, args.json)
 
 
