@@ -12,7 +12,7 @@ import httpx
 import ray
 from http_fixtures import TEST_FLAGS, free_port
 
-from server.cluster.launch import NAMESPACE, deploy, prepare, shutdown, start_ray
+from server.cluster.launch import NAMESPACE, deploy, prepare, shutdown
 from server.cluster.settings import ClusterSettings
 from server.cluster.state import STATE_ACTOR, ReplicaReport
 
@@ -47,7 +47,8 @@ class Cluster:
 def local_cluster(model_dir: Path, adapters_dir: Path, **overrides) -> Iterator[Cluster]:
     settings = ClusterSettings(model=str(model_dir), adapters_dir=adapters_dir, host="127.0.0.1", port=free_port(),
                                **(CLUSTER_FLAGS | overrides))
-    start_ray(settings)
+    ray.init(num_cpus=settings.ray_cpus, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)  # the replicas' logs stay in Ray's session directory, out of the test output
     settings = prepare(settings)
     deploy(settings)
     cluster = Cluster(settings)
