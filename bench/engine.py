@@ -47,6 +47,7 @@ from typing import TypeVar
 
 import torch
 from common import ALL_LINEAR, adapter_files, emit, load_default, make_peft
+from engine_kinds import bench_kinds, kinds_markdown
 from hf_peers import run_peer, warm_peers
 from workloads import (
     MODES,
@@ -70,7 +71,7 @@ from workloads import (
 
 from adapters_store.store import SHARED, AdapterRecord
 from server.engine import Engine, EngineConfig
-from server.engine_types import GenerationRequest
+from server.engine_types import GenerationRequest, WeightedAdapter
 from server.sampling import SamplingParams
 from server.services import build_core
 from server.threads import engine_threads, single_threaded
@@ -80,15 +81,26 @@ from server.threads import engine_threads, single_threaded
 
 def build_engine(model, tokenizer, peft, names: list[str], root: Path, threads: int | None = None,
                  max_batch_size: int = 64, max_tokens_per_step: int = 512) -> tuple[Engine, list[AdapterRecord]]:
+    files = {name: adapter_files(peft, name) for name in names}
+    return build_engine_from_files(model, tokenizer, files, root, threads, max_batch_size, max_tokens_per_step)
+
+
+def build_engine_from_files(model, tokenizer, files: dict[str, tuple[bytes, bytes]], root: Path,
+                            threads: int | None = None, max_batch_size: int = 64,
+                            max_tokens_per_step: int = 512) -> tuple[Engine, list[AdapterRecord]]:
+    """The engine (batched, 16 slots, rank <= 64) over a store holding `files` (name -> PEFT config, weights)."""
     config = EngineConfig(mode="batched", max_batch_size=max_batch_size, max_model_len=256,
                           max_tokens_per_step=max_tokens_per_step, max_waiting=1024, threads=threads)
     core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64)
-    records = [core.store.put(SHARED, name, *adapter_files(peft, name))[0] for name in names]
+    records = [core.store.put(SHARED, name, *pair)[0] for name, pair in files.items()]
     core.engine.start()
     return core.engine, records
 
 
-async def drive(engine: Engine, records: list[AdapterRecord], reqs: list[Req], new_tokens: int) -> Trace:
+Target = AdapterRecord | tuple[WeightedAdapter, ...]  # an adapter, or a composition of adapters
+
+
+async def drive(engine: Engine, records: list[Target], reqs: list[Req], new_tokens: int) -> Trace:
     """Submit the requests (phase by phase, each at its offset) and record every token's arrival."""
     trace = Trace.empty(len(reqs))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -97,7 +109,9 @@ async def drive(engine: Engine, records: list[AdapterRecord], reqs: list[Req], n
         delay = start + reqs[i].at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        req = GenerationRequest(uuid.uuid4().hex, tuple(reqs[i].prompt), params, records[reqs[i].adapter])
+        target = records[reqs[i].adapter]
+        adapter, mix = (None, target) if isinstance(target, tuple) else (target, ())
+        req = GenerationRequest(uuid.uuid4().hex, tuple(reqs[i].prompt), params, adapter, mix=mix)
         trace.submit[i] = time.perf_counter()
         async for out in await engine.generate(req):
             if out.error:
@@ -112,7 +126,7 @@ async def drive(engine: Engine, records: list[AdapterRecord], reqs: list[Req], n
     return trace
 
 
-def run_engine(engine: Engine, records: list[AdapterRecord], reqs: list[Req], mode: str,
+def run_engine(engine: Engine, records: list[Target], reqs: list[Req], mode: str,
                new_tokens: int) -> tuple[Trace, dict[str, float]]:
     """One run in `mode`; also the engine's swaps (count, total ms), steps and share of step time per kind."""
 
@@ -138,7 +152,7 @@ def swap_seconds(engine: Engine) -> float:
     return engine.metrics.registry.get_sample_value("loramux_swap_seconds_sum") or 0.0
 
 
-def warm_up(engine: Engine, records: list[AdapterRecord], prompts: list[list[int]]) -> None:
+def warm_up(engine: Engine, records: list[Target], prompts: list[list[int]]) -> None:
     """One merge (golden copies), every adapter into a device slot, first-call overheads; ends unmerged."""
     every = [Req(prompts[a % len(prompts)], a) for a in range(len(records))]
     run_engine(engine, records, [Req(prompts[0], 0), Req(prompts[1], 0)], "merged", 4)
@@ -300,9 +314,15 @@ def main() -> None:
                     "(default: every core)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-tokens-per-step", type=int, default=512)
+    ap.add_argument("--kinds", action="store_true", help="W1 over adapters of mixed kinds (LoRA, DoRA, IA3, "
+                    "compositions) against W1 over plain LoRA (bench/engine_kinds.py)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
-    run_benchmark(args, Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes(), bench_dtype, markdown)
+    sizes = Sizes(8, 8, 4, one_at_a_time=2) if args.quick else Sizes()
+    if args.kinds:
+        run_benchmark(args, sizes, bench_kinds, kinds_markdown)
+    else:
+        run_benchmark(args, sizes, bench_dtype, markdown)
 
 
 def run_benchmark(args, sizes: Sizes, bench: Callable[..., tuple[dict, dict]],
