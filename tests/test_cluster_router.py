@@ -1,0 +1,60 @@
+"""The adapter-affinity routing policy (server/cluster/router.py) on its own: which replicas it ranks first.
+
+Replicas and requests are plain records with the two fields the policy reads; the policy through Ray itself
+is tested in test_cluster.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from server.cluster.router import AdapterAffinityRouter
+
+
+@dataclass(eq=False)
+class Replica:
+    replica_id: str
+    multiplexed_model_ids: set[str] = field(default_factory=set)
+
+
+def router(spread_queue: int = 2) -> AdapterAffinityRouter:
+    r = object.__new__(AdapterAffinityRouter)  # the policy's state only: Ray builds the rest
+    r.initialize_state(spread_queue=spread_queue)
+    return r
+
+
+def routed(r: AdapterAffinityRouter, replica: Replica, model_id: str, request_id: str) -> None:
+    pending = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=model_id, internal_request_id=request_id))
+    r.on_request_routed(pending, replica.replica_id, None)
+
+
+def ids(ranks: list[list[Replica]]) -> list[list[str]]:
+    return [[x.replica_id for x in rank] for rank in ranks]
+
+
+def test_holders_first_then_the_rest():
+    a, b, c = Replica("a", {"x"}), Replica("b"), Replica("c", {"x", "y"})
+    assert ids(router().rank([a, b, c], "x")) == [["a", "c"], ["b"]]
+
+
+def test_an_adapter_nobody_holds_goes_to_the_replicas_with_fewest():
+    a, b, c = Replica("a", {"x", "y"}), Replica("b", {"z"}), Replica("c", {"w"})
+    assert ids(router().rank([a, b, c], "new")) == [["b", "c"], ["a"]]
+
+
+def test_a_replica_just_sent_an_adapter_holds_it_before_ray_knows():
+    r, a, b = router(), Replica("a"), Replica("b")
+    routed(r, b, "x", "q1")
+    assert ids(r.rank([a, b], "x")) == [["b"], ["a"]]
+
+
+def test_a_hot_adapter_spreads_once_every_holder_runs_spread_queue_of_it():
+    r, a, b = router(spread_queue=2), Replica("a", {"x"}), Replica("b")
+    routed(r, a, "x", "q1")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
+    routed(r, a, "x", "q2")
+    assert ids(r.rank([a, b], "x")) == [["a", "b"]]  # every replica competes on queue length
+    r.on_request_completed(a.replica_id, "q1")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
+    routed(r, a, "y", "q3")  # another adapter's requests do not count
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
