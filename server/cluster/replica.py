@@ -161,7 +161,6 @@ def replica_deployment(settings: ClusterSettings):
         # Ray finds the method by the wrapped function's own name
         _load_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_loras)(EngineReplica._load_adapter)
 
-
     resources = {"num_cpus": settings.replica_cpus, "num_gpus": settings.replica_gpus}
     options = {}
     if settings.routing == "affinity":
