@@ -118,7 +118,8 @@ def test_tenants_stay_isolated_through_the_ingress(cluster, tiny_adapter_dirs):
 def test_an_upload_spreads_to_both_replicas_when_hot_and_a_purge_reaches_both(cluster, tiny_adapter_dirs):
     with cluster.client(Authorization=f"Bearer {OPS}") as c:
         assert upload(c, tiny_adapter_dirs["a5"], "hot", shared="true").status_code == 201
-    responses = asyncio.run(concurrently(cluster, [body("hot", p, max_tokens=24) for p in PROMPTS * 3]))
+    # long enough that the requests overlap: the router spreads on requests in flight, not on arrivals
+    responses = asyncio.run(concurrently(cluster, [body("hot", p, max_tokens=96) for p in PROMPTS * 3]))
     assert all(r.status_code == 200 for r in responses)
     served_by = {r.headers["x-loramux-replica"] for r in responses}
     assert len(served_by) == 2, f"the hot adapter stayed on {served_by}"
