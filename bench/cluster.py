@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import httpx
 import ray
 from common import ALL_LINEAR, DTYPES, emit, load_default, make_peft
-from serve import write_peft_dirs
+from serve import sse_chunks, write_peft_dirs
 from workloads import RANKS, SEED, chat_prompts, log, percentile
 
 from server.cluster.launch import NAMESPACE, deploy, prepare, shutdown, start_ray
@@ -104,17 +103,11 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], n
     first, tokens = None, 0
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"{model}: {r.status_code} {await r.aread()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - start
-            usage = json.loads(line[6:]).get("usage")
-            if usage:
-                tokens = usage["completion_tokens"]
+    async for now, chunk in sse_chunks(client, body, model):
+        if first is None:
+            first = now - start
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
     return first or 0.0, tokens
 
 

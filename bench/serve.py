@@ -31,7 +31,7 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -130,21 +130,12 @@ async def http_drive(url: str, names: list[str], reqs: list[Req], new_tokens: in
                     "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
             trace.submit[i] = time.perf_counter()
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    raise RuntimeError(f"request {i}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    now = time.perf_counter()
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(f"request {i} failed: {chunk['error']}")
-                    if chunk["choices"]:
-                        trace.times[i].append(now)
-                        texts[i] += chunk["choices"][0]["text"]
-                    if chunk.get("usage"):
-                        counts[i] = chunk["usage"]["completion_tokens"]
+            async for now, chunk in sse_chunks(client, body, f"request {i}"):
+                if chunk["choices"]:
+                    trace.times[i].append(now)
+                    texts[i] += chunk["choices"][0]["text"]
+                if chunk.get("usage"):
+                    counts[i] = chunk["usage"]["completion_tokens"]
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i, start) for i in range(n)))
@@ -152,6 +143,22 @@ async def http_drive(url: str, names: list[str], reqs: list[Req], new_tokens: in
         raise RuntimeError(f"{counts.count(0)} of {n} streams ended without a usage chunk")
     trace.tokens = [[0] * c for c in counts]
     return trace, texts
+
+
+async def sse_chunks(client: httpx.AsyncClient, body: dict, what: str) -> AsyncIterator[tuple[float, dict]]:
+    """(arrival time, chunk) of each JSON chunk of one streamed completion; RuntimeError for an HTTP error
+    or an error event."""
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{what}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{what} failed: {chunk['error']}")
+            yield now, chunk
 
 
 def run_http(srv: Server, names: list[str], reqs: list[Req], new_tokens: int) -> tuple[dict[str, float], list[str]]:

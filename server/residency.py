@@ -50,10 +50,7 @@ class Residency:
         self.slots = slots
         self.engine = engine
 
-    def info(self, record: AdapterRecord) -> ResidencyInfo:
-        return self._info(record.identity)
-
-    def _info(self, ident: AdapterIdentity) -> ResidencyInfo:
+    def info(self, ident: AdapterIdentity) -> ResidencyInfo:
         device = self.slots.info(ident)
         tier = "device" if device.slot is not None else "host" if self.host.resident(ident) else "disk"
         last_used = None if device.last_used is None else time.time() - (time.monotonic() - device.last_used)
@@ -62,7 +59,7 @@ class Residency:
 
     async def infos(self, records: list[AdapterRecord]) -> list[ResidencyInfo]:
         """`info` of each record, in a worker thread (the slot table's lock is held while a slot loads)."""
-        return await asyncio.to_thread(lambda: [self.info(r) for r in records])
+        return await asyncio.to_thread(lambda: [self.info(r.identity) for r in records])
 
     async def load(self, record: AdapterRecord, pin: bool | None, pin_cap: int | None = None) -> int:
         """Make resident in a device slot now; `pin` true keeps it there, false unpins, None keeps the pin.
@@ -104,5 +101,5 @@ class Residency:
         slots = self.slots
         idents = set(self.host.identities())
         idents.update(i for i in map(slots.identity, range(slots.stats.slots)) if i is not None)
-        infos = {ident: self._info(ident) for ident in idents}
+        infos = {ident: self.info(ident) for ident in idents}
         return {ident: info for ident, info in infos.items() if info.tier != "disk"}

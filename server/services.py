@@ -14,10 +14,10 @@ from typing import Protocol
 
 from transformers import PreTrainedModel
 
-from adapters_store.format import ValidationLimits, parse_adapter
+from adapters_store.format import LoraAdapter, ModuleShape, ValidationLimits, parse_adapter
 from adapters_store.host_cache import HostCache
 from adapters_store.reader import StoreReader
-from adapters_store.store import AdapterRecord, AdapterStore
+from adapters_store.store import AdapterRecord, AdapterStore, ParseFn
 from server.api.keys import KeyTable
 from server.api.logging import HttpMetrics
 from server.engine import Engine, EngineConfig
@@ -55,15 +55,26 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
                          prepack=prepack)
     shapes = runner.lora.shapes
 
-    def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
-        return parse_adapter(adapter_id, config_bytes, weights, shapes, limits)
-
+    parse = adapter_parser(shapes, limits)
     store = StoreReader(adapters_dir, parse) if reader else AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
     engine = Engine(runner, tokenizer, host, config, metrics, waiting_cap=tenants.waiting_cap)
     stored = (lambda: 0) if reader else (lambda: len(store.list()))
     metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, stored)
     return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
+
+
+def adapter_parser(shapes: dict[str, ModuleShape], limits: ValidationLimits) -> ParseFn:
+    """Upload and store validation bound to the base model's projection shapes."""
+
+    def parse(adapter_id: str, config_bytes: bytes, weights: bytes) -> LoraAdapter:
+        return parse_adapter(adapter_id, config_bytes, weights, shapes, limits)
+
+    return parse
+
+
+def validation_limits(settings: Settings) -> ValidationLimits:
+    return ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
 
 
 class EngineAPI(Protocol):
@@ -138,7 +149,7 @@ def build_engine_core(settings: Settings, keys: KeyTable | None,
     `reader`: the store is written by another process (a cluster replica's view of the shared store)."""
     loaded = load_base_model(settings.model, device=settings.device, dtype=settings.dtype,
                              cache_dir=settings.cache_dir)
-    limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
+    limits = validation_limits(settings)
     tenants = tenant_policy(settings, keys)
     core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
                       max_loras=settings.max_loras, max_rank=settings.max_rank,

@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from ray import serve
 
-from adapters_store.format import ValidationLimits, parse_adapter
 from adapters_store.store import AdapterStore
 from server.api.keys import KeyTable
 from server.api.logging import HttpMetrics
@@ -27,7 +26,7 @@ from server.cluster.remote import ClusterResidency, RemoteEngine, ReplicaView
 from server.cluster.settings import ClusterSettings
 from server.metrics import Metrics
 from server.model_loader import load_tokenizer
-from server.services import Services, tenant_policy
+from server.services import Services, adapter_parser, tenant_policy, validation_limits
 
 log = logging.getLogger("loramux.cluster")
 FIRST_REPORT_S = 900.0  # how long the ingress waits for a replica to load its model
@@ -39,12 +38,8 @@ async def cluster_lifespan(app: FastAPI, settings: ClusterSettings, keys: KeyTab
     view = ReplicaView(state)
     facts = await view.facts(FIRST_REPORT_S)
     loaded = await asyncio.to_thread(load_tokenizer, settings.model, settings.cache_dir)
-    limits = ValidationLimits(max_rank=settings.max_rank, max_file_bytes=settings.max_upload_bytes)
-
-    def parse(adapter_id: str, config_bytes: bytes, weights: bytes):
-        return parse_adapter(adapter_id, config_bytes, weights, facts.shapes, limits)
-
-    store = await asyncio.to_thread(AdapterStore, settings.adapters_dir, parse)
+    limits = validation_limits(settings)
+    store = await asyncio.to_thread(AdapterStore, settings.adapters_dir, adapter_parser(facts.shapes, limits))
     affinity = settings.routing == "affinity"
     engine = RemoteEngine(engines, view, facts.limits, affinity)
     metrics = Metrics()  # the batch gauges: the replicas' sums
