@@ -5,6 +5,7 @@ is tested in test_cluster.py."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -23,9 +24,12 @@ def router(spread_queue: int = 2) -> AdapterAffinityRouter:
     return r
 
 
+def pending(model_id: str, request_id: str) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=model_id, internal_request_id=request_id))
+
+
 def routed(r: AdapterAffinityRouter, replica: Replica, model_id: str, request_id: str) -> None:
-    pending = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=model_id, internal_request_id=request_id))
-    r.on_request_routed(pending, replica.replica_id, None)
+    r.on_request_routed(pending(model_id, request_id), replica.replica_id, None)
 
 
 def ids(ranks: list[list[Replica]]) -> list[list[str]]:
@@ -58,3 +62,21 @@ def test_a_hot_adapter_spreads_once_every_holder_runs_spread_queue_of_it():
     assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
     routed(r, a, "y", "q3")  # another adapter's requests do not count
     assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
+
+
+def test_a_burst_counts_its_choices_before_ray_routes_any():
+    """Ray chooses for several pending requests before it routes the first: each single-replica choice counts."""
+    r, a, b = router(spread_queue=2), Replica("a", {"m1"}), Replica("b", {"m1", "m2"})
+
+    def choose(request_id: str) -> list[list[str]]:
+        return ids(asyncio.run(r.choose_replicas([a, b], pending("x", request_id))))
+
+    assert choose("q1") == [["a"], ["b"]]  # nobody holds x: the replica with fewest adapters
+    assert choose("q2") == [["a"], ["b"]]  # a holds it now (chosen), one request of it
+    assert choose("q3") == [["a", "b"]]  # two chosen on a: it spreads
+    routed(r, a, "x", "q1")  # Ray reports q1's replica: its choice is replaced, not added
+    routed(r, a, "x", "q2")
+    assert choose("q4") == [["a", "b"]]
+    r.on_request_completed(a.replica_id, "q1")
+    r.on_request_completed(a.replica_id, "q2")
+    assert choose("q5") == [["a"], ["b"]]
