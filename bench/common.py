@@ -41,14 +41,14 @@ def make_peft(base: torch.nn.Module, specs: dict[str, dict], seed: int = 0) -> P
             model.add_adapter(name, cfg)
         with torch.no_grad():  # small B: the adapted model stays a sane language model
             for n, p in model.named_parameters():
-                if f"lora_B.{name}." in n:
+                if f"lora_B.{name}." in n or f"lora_embedding_B.{name}" in n:
                     p.normal_(0, 0.02)
     return model.eval()
 
 
-def adapter_files(model: PeftModel, name: str) -> tuple[bytes, bytes]:
+def adapter_files(model: PeftModel, name: str, save_embedding_layers: bool | str = "auto") -> tuple[bytes, bytes]:
     """(adapter_config.json, adapter_model.safetensors) bytes exactly as save_pretrained would write."""
-    state = get_peft_model_state_dict(model, adapter_name=name)
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=save_embedding_layers)
     cfg = model.peft_config[name].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     return json.dumps(cfg).encode(), save({k: v.contiguous() for k, v in state.items()})

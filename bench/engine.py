@@ -58,6 +58,7 @@ from workloads import (
     WORKLOADS,
     Req,
     Sizes,
+    Target,
     Trace,
     chat_prompts,
     exact_share,
@@ -66,12 +67,13 @@ from workloads import (
     median_summary,
     phases,
     poisson,
+    request_fields,
     summarize,
 )
 
 from adapters_store.store import SHARED, AdapterRecord
 from server.engine import Engine, EngineConfig
-from server.engine_types import GenerationRequest, WeightedAdapter
+from server.engine_types import GenerationRequest
 from server.sampling import SamplingParams
 from server.services import build_core
 from server.threads import engine_threads, single_threaded
@@ -97,9 +99,6 @@ def build_engine_from_files(model, tokenizer, files: dict[str, tuple[bytes, byte
     return core.engine, records
 
 
-Target = AdapterRecord | tuple[WeightedAdapter, ...]  # an adapter, or a composition of adapters
-
-
 async def drive(engine: Engine, records: list[Target], reqs: list[Req], new_tokens: int) -> Trace:
     """Submit the requests (phase by phase, each at its offset) and record every token's arrival."""
     trace = Trace.empty(len(reqs))
@@ -109,9 +108,8 @@ async def drive(engine: Engine, records: list[Target], reqs: list[Req], new_toke
         delay = start + reqs[i].at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        target = records[reqs[i].adapter]
-        adapter, mix = (None, target) if isinstance(target, tuple) else (target, ())
-        req = GenerationRequest(uuid.uuid4().hex, tuple(reqs[i].prompt), params, adapter, mix=mix)
+        req = GenerationRequest(uuid.uuid4().hex, tuple(reqs[i].prompt), params,
+                                **request_fields(records[reqs[i].adapter]))
         trace.submit[i] = time.perf_counter()
         async for out in await engine.generate(req):
             if out.error:

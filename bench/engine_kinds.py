@@ -3,7 +3,10 @@
 Both sets keep the ranks of bench/engine.py's 16 adapters (RANKS, every linear layer). The mixed set, by
 position i of the round-robin: i % 4 == 1 a DoRA adapter; i % 4 == 3 a composition of two of the LoRA
 adapters (weights 0.6 / 0.4); i % 8 == 6 an IA3 adapter (k, v, down; down as a feed-forward input scale);
-the rest LoRA (6 LoRA, 4 DoRA, 2 IA3, 4 compositions). The same 64 chat prompts x 32 new tokens, all
+i == 4 LoRA with a prefix tuning adapter's 16 virtual tokens, i == 12 LoRA with a prompt tuning adapter's 16,
+i == 8 LoRA also on the embedding and the head; the rest LoRA (3 LoRA, 4 DoRA, 2 IA3, 4 compositions, 3 LoRA
+with virtual tokens or edges). Virtual tokens are work the plain set does not do (16 more positions to
+prefill and attend to per request). The same 64 chat prompts x 32 new tokens, all
 submitted at once, in each --modes but merged, the two sets in rotation, medians of 3 runs (or --reps).
 The figure is mixed W1 tokens/s over plain W1 tokens/s (goal: a mixed-kind batch costs <= 1.15x plain
 LoRA, i.e. >= 0.87 here).
@@ -20,13 +23,18 @@ from pathlib import Path
 
 import torch
 from common import ALL_LINEAR, adapter_files, load_default, make_peft
-from peft import IA3Config, get_peft_model
-from workloads import RANKS, SEED, Req, Sizes, chat_prompts, log, summarize
+from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from workloads import RANKS, SEED, Req, Sizes, WithVirtual, chat_prompts, log, summarize
 
 from server.engine_types import WeightedAdapter
 
 COMPOSED_WEIGHTS = (0.6, 0.4)
 IA3_SPEC = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+VIRTUAL_TOKENS = 16
+BESIDE = {4: "prefix", 12: "prompt"}  # position -> the virtual tokens beside its LoRA adapter
+EDGES_AT = 8  # position of the adapter with LoRA on the embedding and the head too
 
 
 def kind_of(i: int) -> str:
@@ -37,16 +45,26 @@ def kind_of(i: int) -> str:
     return "ia3" if i % 8 == 6 else "lora"
 
 
+def virtual_files(model, name: str, kind: str, seed: int) -> tuple[bytes, bytes]:
+    """A PEFT prompt (or prefix) tuning adapter of VIRTUAL_TOKENS, as PEFT initialises it."""
+    cls = PromptTuningConfig if kind == "prompt" else PrefixTuningConfig
+    torch.manual_seed(seed)
+    peft = get_peft_model(copy.deepcopy(model), cls(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS),
+                          adapter_name=name)
+    return adapter_files(peft, name)
+
+
 def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[str], list[str | tuple]]:
     """PEFT files of every adapter; the plain set's names; the mixed set's targets (a name, or the names of
     a composition's two adapters)."""
     plain = {f"plain{i:02d}_r{r}": dict(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR)
              for i, r in zip(range(n), RANKS, strict=False)}
-    mixed = {f"{kind_of(i)}{i:02d}_r{r}": dict(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR,
-                                               use_dora=kind_of(i) == "dora")
+    mixed = {f"{kind_of(i)}{i:02d}_r{r}": dict(r=r, lora_alpha=2 * r, use_dora=kind_of(i) == "dora",
+                                               target_modules=ALL_LINEAR + (["embed_tokens", "lm_head"]
+                                                                            if i == EDGES_AT else []))
              for i, r in zip(range(n), RANKS, strict=False) if kind_of(i) in ("lora", "dora")}
     peft = make_peft(model, plain | mixed, seed=SEED)
-    files = {name: adapter_files(peft, name) for name in plain | mixed}
+    files = {name: adapter_files(peft, name, save_embedding_layers=False) for name in plain | mixed}
     del peft
     loras = [name for name in mixed if name.startswith("lora")]
     targets: list[str | tuple] = []
@@ -59,9 +77,22 @@ def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[st
             name = f"ia3{i:02d}"
             files[name] = ia3_files(model, name, seed=SEED + i)
             targets.append(name)
+        elif i in BESIDE:
+            name = f"{BESIDE[i]}{i:02d}"
+            files[name] = virtual_files(model, name, BESIDE[i], seed=SEED + i)
+            targets.append((f"{kind}{i:02d}_r{r}", name))
         else:
             targets.append(f"{kind}{i:02d}_r{r}")
     return files, list(plain), targets
+
+
+def as_target(t: str | tuple, by_name: dict):
+    """A name; (LoRA name, virtual tokens' adapter name); or the two names of a composition."""
+    if isinstance(t, str):
+        return by_name[t]
+    if t[1][:6] in ("prefix", "prompt"):
+        return WithVirtual(by_name[t[0]], by_name[t[1]])
+    return tuple(WeightedAdapter(by_name[n], w) for n, w in zip(t, COMPOSED_WEIGHTS, strict=True))
 
 
 def ia3_files(model, name: str, seed: int) -> tuple[bytes, bytes]:
@@ -89,10 +120,7 @@ def bench_kinds(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
         engine, records = build_engine_from_files(loaded.model, loaded.tokenizer, files, Path(tmp), args.threads,
                                                   args.max_batch_size, args.max_tokens_per_step)
         by_name = {r.id: r for r in records}
-        sets = {"plain": [by_name[n] for n in plain],
-                "mixed": [by_name[t] if isinstance(t, str) else
-                          tuple(WeightedAdapter(by_name[n], w) for n, w in zip(t, COMPOSED_WEIGHTS, strict=True))
-                          for t in targets]}
+        sets = {"plain": [by_name[n] for n in plain], "mixed": [as_target(t, by_name) for t in targets]}
         try:
             log(f"[{dtype}] warm-up")
             for target in sets.values():

@@ -8,6 +8,9 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+from adapters_store.store import AdapterRecord
+from server.engine_types import WeightedAdapter
+
 SEED = 0
 RANKS = (16, 4, 8, 32, 64, 8, 16, 4, 32, 16, 64, 8, 4, 16, 32, 8)  # adapter 0 is the hot one
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
@@ -156,3 +159,23 @@ def exact_share(trace: Trace, ref: dict[int, list[int]]) -> float:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class WithVirtual:
+    """An adapter (or a composition) and a prompt or prefix tuning adapter's virtual tokens before the prompt."""
+
+    weights: AdapterRecord | tuple[WeightedAdapter, ...] | None
+    virtual: AdapterRecord
+
+
+Target = AdapterRecord | tuple[WeightedAdapter, ...] | WithVirtual  # an adapter, a composition, either with virtual
+
+
+def request_fields(target: Target) -> dict:
+    """The GenerationRequest fields (adapter, mix, virtual) of a target."""
+    virtual = None
+    if isinstance(target, WithVirtual):
+        target, virtual = target.weights, target.virtual
+    adapter, mix = (None, target) if isinstance(target, tuple) else (target, ())
+    return {"adapter": adapter, "mix": mix, "virtual": virtual}
