@@ -28,6 +28,7 @@ from adapters_store.errors import AdapterValidationError
 CONFIG_FILE = "adapter_config.json"
 MAX_PATTERN_CHARS = 512
 MAX_PATTERNS = 256  # per field
+INCOMPATIBLE = {"status": 422, "code": "adapter_incompatible"}  # what does not fit the base model
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
 
@@ -40,7 +41,6 @@ _UNSUPPORTED_FIELDS = {
     "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
     "target_parameters": "target_parameters (LoRA on nn.Parameter)",
 }
 
@@ -220,14 +220,11 @@ def _check_kind(bad: Bad, raw: dict[str, Any]) -> None:
     mean are refused."""
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise bad(f"peft_type is {peft_type!r}; only 'LORA' (with or without use_dora) and 'IA3' adapters are "
-                  "supported")
+        raise bad(f"peft_type is {peft_type!r}; only 'LORA' (with or without use_dora), 'IA3', 'PROMPT_TUNING' "
+                  "and 'PREFIX_TUNING' adapters are supported")
     for field, what in _UNSUPPORTED_FIELDS.items():
         if raw.get(field) not in (None, False, [], {}):
             raise bad(f"{field}={raw[field]!r} ({what}) is not supported; only plain LoRA is served")
-    if raw.get("modules_to_save"):
-        raise bad(f"modules_to_save={raw['modules_to_save']!r} is not supported: fully trained modules "
-                  "would replace base weights for every tenant")
     if raw.get("bias", "none") != "none":
         raise bad(f"bias={raw['bias']!r} is not supported (only 'none'): trained biases change the base")
 

@@ -16,25 +16,28 @@ import re
 import time
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
 
 from adapters_store.config import (
     CONFIG_FILE,
+    INCOMPATIBLE,
     AdapterConfig,
     ValidationLimits,
     check_deadline,
-    check_entries,
     check_size,
     invalid,
     load_json,
     read_config,
 )
+from adapters_store.edges import edge_modules, without_base_copies
 from adapters_store.ia3 import parse_ia3
+from adapters_store.lora_checks import check_magnitude, check_shapes, dora_magnitude, show
+from adapters_store.prompt import PROMPT_TYPES, ModelGeometry, VirtualTokens, parse_prompt
+from adapters_store.replaced import Replacements, take_replacements
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -44,9 +47,9 @@ ALLOWED_DTYPES = ("F16", "BF16", "F32")
 # [base_model.model.]<module>.lora_magnitude_vector[.<adapter name>][.weight]
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?:(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight"
+    r"|embedding_(?P<eab>[AB])(?:\.(?P<ename>[^.]+))?"
     r"|(?P<m>magnitude_vector)(?:\.(?P<mname>[^.]+?))??(?:\.weight)?)$"
 )
-MAX_MAGNITUDE = 1e4  # |entry| of a DoRA magnitude vector (trained ones hold weight-row norms, ~1-100)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,23 @@ class LoraAdapter:
     weights: Mapping[str, LoraWeights]  # base-model module name -> weights, sorted by name
     size_bytes: int  # weights file size
     use_dora: bool = False  # every module has a magnitude vector
-    peft_type: str = "LORA"  # or "IA3"
+    peft_type: str = "LORA"  # or "IA3", "PROMPT_TUNING", "PREFIX_TUNING"
+    virtual: VirtualTokens | None = None  # prompt or prefix tuning (then `weights` is empty)
+    # LoRA on the input embedding ("embed": A [r, vocab], B [hidden, r]) and the output head ("head": A [r, hidden],
+    # B [vocab, r]); such an adapter is never merged
+    edges: Mapping[str, LoraWeights] = field(default_factory=lambda: types.MappingProxyType({}))
+    replaces: Replacements | None = None  # modules_to_save copies and trainable tokens of the embedding and head
+
+    @property
+    def composable(self) -> bool:
+        """Its effect is a delta that may be weighted: plain LoRA (on any module), nothing replaced."""
+        return self.kind == "lora" and self.replaces is None
 
     @property
     def kind(self) -> str:
-        """lora, dora or ia3."""
+        """lora, dora, ia3, prompt (prompt tuning) or prefix (prefix tuning)."""
+        if self.virtual is not None:
+            return self.virtual.kind
         return "ia3" if self.peft_type == "IA3" else "dora" if self.use_dora else "lora"
 
 
@@ -149,8 +164,10 @@ def parse_adapter(
     weights_bytes: bytes,
     target_shapes: Mapping[str, ModuleShape],
     limits: ValidationLimits,
+    geometry: ModelGeometry | None = None,
 ) -> LoraAdapter:
-    """Validate a PEFT LoRA adapter against the base model's targetable modules and return its weights.
+    """Validate a PEFT adapter against the base model's targetable modules (and, for prompt and prefix tuning,
+    its `geometry`) and return its weights.
 
     Raises AdapterValidationError (400; 413 for size caps; 422 when it does not fit the base model) whose
     message names the adapter, the offending key or module and the numbers. Bounded in time: every pattern
@@ -158,6 +175,11 @@ def parse_adapter(
     """
     deadline = time.monotonic() + limits.max_seconds
     raw = read_config(adapter_id, config_bytes, limits)
+    if raw.get("peft_type") in PROMPT_TYPES:
+        virtual = parse_prompt(adapter_id, raw, load_safetensors(adapter_id, weights_bytes, limits), geometry)
+        return LoraAdapter(id=adapter_id, sha256=adapter_sha256(config_bytes, weights_bytes), rank=0, alpha=0.0,
+                           use_rslora=False, target_modules=(), weights=types.MappingProxyType({}),
+                           size_bytes=len(weights_bytes), peft_type=raw["peft_type"], virtual=virtual)
     if raw.get("peft_type") == "IA3":
         vectors = parse_ia3(adapter_id, raw, load_safetensors(adapter_id, weights_bytes, limits), target_shapes,
                             limits, deadline)
@@ -166,23 +188,59 @@ def parse_adapter(
                            use_rslora=False, target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
                            weights=types.MappingProxyType(weights), size_bytes=len(weights_bytes), peft_type="IA3")
     config = AdapterConfig.from_raw(adapter_id, raw, limits)
-    tensors = load_safetensors(adapter_id, weights_bytes, limits)
+    tensors = without_base_copies(adapter_id, load_safetensors(adapter_id, weights_bytes, limits), geometry)
+    replaces = take_replacements(adapter_id, raw, tensors, geometry)
     pairs = _pair_tensors(adapter_id, tensors)
+    edges = edge_modules(geometry)
+    shapes = dict(target_shapes) | _edge_shapes(geometry)
     weights = {}
     for module, pair in sorted(pairs.items()):
         check_deadline(adapter_id, deadline, limits, len(weights), len(pairs))
-        weights[module] = _check_module(adapter_id, module, pair, target_shapes, config, limits)
+        _check_edge_keys(adapter_id, module, pair, module in edges and edges[module] == "embed", config)
+        weights[module] = _check_module(adapter_id, module, pair, shapes, config, limits)
+    edge_weights = {edges[m]: weights.pop(m) for m in list(weights) if m in edges}
+    _check_one_per_edge(adapter_id, edge_weights, replaces)
     return LoraAdapter(
         id=adapter_id,
         sha256=adapter_sha256(config_bytes, weights_bytes),
-        rank=max(w.A.shape[0] for w in weights.values()),
+        rank=max(w.A.shape[0] for w in (*weights.values(), *edge_weights.values())),
         alpha=float(config.alpha),
         use_rslora=config.use_rslora,
-        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in weights})),
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in pairs})),
         weights=types.MappingProxyType(weights),
         size_bytes=len(weights_bytes),
         use_dora=config.use_dora,
+        edges=types.MappingProxyType(edge_weights),
+        replaces=replaces if replaces.copies or replaces.tokens else None,
     )
+
+
+def _check_one_per_edge(adapter_id: str, lora: Mapping[str, LoraWeights], replaces: Replacements) -> None:
+    """An edge takes LoRA, a trained copy or trained rows, not two of them."""
+    tokens = replaces.tokens
+    for edge in ("embed", "head"):
+        held = [what for what, has in (("LoRA", edge in lora), ("modules_to_save", edge in replaces.copies),
+                                       ("trainable_token_indices", tokens is not None and (
+                                           edge == "embed" or tokens.tied_head))) if has]
+        if len(held) > 1:
+            raise invalid(adapter_id, f"the {edge} takes one of LoRA, modules_to_save and trainable_token_indices; "
+                          f"this adapter gives it {' and '.join(held)}")
+
+
+def _edge_shapes(geometry: ModelGeometry | None) -> dict[str, ModuleShape]:
+    """The embedding as a projection vocab -> hidden (its A is [r, vocab]), the head as hidden -> vocab."""
+    shape = {"embed": lambda g: ModuleShape(g.vocab, g.hidden), "head": lambda g: ModuleShape(g.hidden, g.vocab)}
+    return {name: shape[edge](geometry) for name, edge in edge_modules(geometry).items()}
+
+
+def _check_edge_keys(adapter_id: str, module: str, pair: _Pair, is_embedding: bool, config: AdapterConfig) -> None:
+    """lora_embedding_A/B on the embedding, and only there; no DoRA on it."""
+    for key in (pair.a_key, pair.b_key):
+        if key is not None and ("lora_embedding_" in key) != is_embedding:
+            want = "lora_embedding_A/B" if is_embedding else "lora_A/B.weight"
+            raise invalid(adapter_id, f"tensor '{key}': module {module} takes {want}")
+    if is_embedding and config.use_dora:
+        raise invalid(adapter_id, f"module {module}: DoRA on the embedding is not supported")
 
 
 @dataclass(frozen=True)
@@ -253,10 +311,10 @@ def _pair_tensors(adapter_id: str, tensors: Mapping[str, torch.Tensor]) -> dict[
             raise invalid(
                 adapter_id,
                 f"unexpected tensor '{key}': expected '<module>.lora_A.weight', '<module>.lora_B.weight' or "
-                "(DoRA) '<module>.lora_magnitude_vector' (embedding LoRA, LoRA biases and "
-                "modules_to_save are not supported)",
+                "(DoRA) '<module>.lora_magnitude_vector', or on the embedding '<module>.lora_embedding_A' "
+                "(LoRA biases and modules_to_save are not supported)",
             )
-        module, ab = match.group("module"), match.group("ab") or "m"
+        module, ab = match.group("module"), match.group("ab") or match.group("eab") or "m"
         slot = found.setdefault(module, {})
         if ab in slot:
             raise invalid(adapter_id, f"module {module} has two lora_{ab} tensors: '{slot[ab][0]}' and '{key}'")
@@ -284,93 +342,23 @@ def _check_module(
     shape = target_shapes.get(module)
     if shape is None:
         raise invalid(adapter_id, f"tensor '{any_key}' is for module '{module}', "
-                      "which is not a LoRA-targetable module of the base model", **_INCOMPATIBLE)
+                      "which is not a LoRA-targetable module of the base model", **INCOMPATIBLE)
     if not config.selects(module):
         raise invalid(adapter_id, f"tensor '{any_key}' is for module '{module}', which the config does not "
-                      f"select (target_modules={_show(config.target_modules)}, "
-                      f"exclude_modules={_show(config.exclude_modules)}, "
-                      f"layers_to_transform={_show(config.layers_to_transform)})")
+                      f"select (target_modules={show(config.target_modules)}, "
+                      f"exclude_modules={show(config.exclude_modules)}, "
+                      f"layers_to_transform={show(config.layers_to_transform)})")
     if pair.A is None or pair.B is None:
         tensors = (("lora_A", pair.A), ("lora_B", pair.B), ("lora_magnitude_vector", pair.m))
         have = " and ".join(name for name, t in tensors if t is not None)
         missing = " and ".join(name for name, t in tensors[:2] if t is None)
         raise invalid(adapter_id, f"module {module} has {have} ('{any_key}') but no {missing}")
-    r = _check_shapes(adapter_id, module, pair.A, pair.B, shape, config, limits)
+    r = check_shapes(adapter_id, module, pair.A, pair.B, shape, config, limits)
     for key, t in ((pair.a_key, pair.A), (pair.b_key, pair.B)):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise invalid(adapter_id, f"tensor '{key}' has {bad} NaN/Inf values out of {t.numel()}")
     scale = config.scale_for(module, r)
-    _check_magnitude(adapter_id, module, pair.A, pair.B, scale, limits)
-    return LoraWeights(A=pair.A, B=pair.B, scale=scale, magnitude=_dora_magnitude(adapter_id, module, pair, shape,
-                                                                              config.use_dora))
-
-
-def _dora_magnitude(adapter_id: str, module: str, pair: _Pair, shape: ModuleShape,
-                    use_dora: bool) -> torch.Tensor | None:
-    """The module's DoRA magnitude vector [d_out] (None for plain LoRA), checked: present iff use_dora, shape,
-    finite, within MAX_MAGNITUDE."""
-    m = pair.m
-    if not use_dora:
-        if m is not None:
-            raise invalid(adapter_id, f"tensor '{pair.m_key}' is a DoRA magnitude vector, but the config does not "
-                          "set use_dora=true")
-        return None
-    if m is None:
-        raise invalid(adapter_id, f"module {module} has no lora_magnitude_vector, which use_dora=true requires")
-    if m.ndim != 1 or m.shape[0] != shape.d_out:
-        raise invalid(adapter_id, f"lora_magnitude_vector for {module} has shape {list(m.shape)}, expected "
-                      f"[{shape.d_out}] (d_out)", **_INCOMPATIBLE)
-    check_entries(adapter_id, pair.m_key, m, MAX_MAGNITUDE, f"module {module}: its magnitude vector")
-    return m
-
-
-def _check_magnitude(adapter_id: str, module: str, A: torch.Tensor, B: torch.Tensor, scale: float,
-                     limits: ValidationLimits) -> None:
-    """|scale| and the largest entry of scale·B·A within the limits (400 naming the numbers)."""
-    if not abs(scale) <= limits.max_scale:
-        raise invalid(adapter_id, f"module {module}: its scale (lora_alpha / r, or / sqrt(r) for rsLoRA, with the "
-                      f"alpha and rank patterns) is {scale:.4g}, above the limit of {limits.max_scale:g}")
-    a, b = A.float(), B.float()  # [r, d_in], [d_out, r]
-    bound = abs(scale) * b.norm(dim=1).max().item() * a.norm(dim=0).max().item()  # Cauchy-Schwarz, per entry
-    if bound <= limits.max_delta:
-        return
-    peak = max(abs(scale) * (rows @ a).abs().max().item() for rows in b.split(1024))
-    if peak > limits.max_delta:
-        raise invalid(adapter_id, f"module {module}: the largest entry of scale * B @ A is {peak:.4g}, above the "
-                      f"limit of {limits.max_delta:g} (trained adapters stay far below; such a delta would only "
-                      "overflow this adapter's own outputs)")
-
-
-_INCOMPATIBLE = {"status": 422, "code": "adapter_incompatible"}
-
-
-def _check_shapes(adapter_id: str, module: str, A: torch.Tensor, B: torch.Tensor, shape: ModuleShape,
-                  config: AdapterConfig, limits: ValidationLimits) -> int:
-    """A: [r, d_in] and B: [d_out, r] against the module and the config; returns r."""
-    r_cfg, r_source = config.rank_for(module)
-    for name, t in (("lora_A", A), ("lora_B", B)):
-        if t.ndim != 2:
-            raise invalid(adapter_id, f"{name} for {module} has shape {list(t.shape)}, expected a 2-d matrix")
-    if A.shape[1] != shape.d_in:
-        hint = " (looks transposed)" if A.shape[0] == shape.d_in else ""
-        raise invalid(adapter_id, f"lora_A for {module} has shape {list(A.shape)}, "
-                      f"expected [{r_cfg}, {shape.d_in}] (r x d_in){hint}", **_INCOMPATIBLE)
-    if B.shape[0] != shape.d_out:
-        hint = " (looks transposed)" if B.shape[1] == shape.d_out else ""
-        raise invalid(adapter_id, f"lora_B for {module} has shape {list(B.shape)}, "
-                      f"expected [{shape.d_out}, {r_cfg}] (d_out x r){hint}", **_INCOMPATIBLE)
-    r = A.shape[0]
-    if B.shape[1] != r:
-        raise invalid(adapter_id, f"module {module}: lora_A has rank {r} (shape {list(A.shape)}) "
-                      f"but lora_B has rank {B.shape[1]} (shape {list(B.shape)})")
-    if r > limits.max_rank:
-        raise invalid(adapter_id, f"module {module} has rank {r}, above the server's max rank {limits.max_rank}",
-                      status=422)
-    if r != r_cfg:
-        raise invalid(adapter_id, f"module {module} has tensor rank {r} but the config says {r_source}={r_cfg}")
-    return r
-
-
-def _show(value: Any) -> str:
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+    check_magnitude(adapter_id, module, pair.A, pair.B, scale, limits)
+    magnitude = dora_magnitude(adapter_id, module, pair.m_key, pair.m, shape, config.use_dora)
+    return LoraWeights(A=pair.A, B=pair.B, scale=scale, magnitude=magnitude)

@@ -60,7 +60,9 @@ class AdapterRecord:
     size_bytes: int
     created_at: float  # time.time() of the upload
     path: Path  # root/<namespace>/<id>
-    kind: str = "lora"  # "lora", "dora" or "ia3" (LoraAdapter.kind)
+    kind: str = "lora"  # "lora", "dora", "ia3", "prompt" or "prefix" (LoraAdapter.kind)
+    virtual_tokens: int = 0  # prompt and prefix tuning: the positions its virtual tokens take before the prompt
+    composable: bool = True  # LoraAdapter.composable: may be weighted or composed
 
     @property
     def namespace(self) -> str:
@@ -364,6 +366,8 @@ def _record(
         created_at=created_at,
         path=path,
         kind=adapter.kind,
+        virtual_tokens=0 if adapter.virtual is None else adapter.virtual.count,
+        composable=adapter.composable,
     )
 
 

@@ -133,7 +133,7 @@ class Engine:
         self.validate(req)
         loop = asyncio.get_running_loop()
         n = req.params.n
-        records = ([req.adapter] if req.adapter is not None else []) + [m.record for m in req.mix]
+        records = [r for r in (req.adapter, *(m.record for m in req.mix), req.virtual) if r is not None]
         hosts: list[HostCopy] = []
         try:
             for record in records:  # disk -> host off the engine thread, held until the request ends
@@ -187,15 +187,18 @@ class Engine:
 
     def _new_sequence(self, req: GenerationRequest, index: int, stream: RequestStream,
                       hosts: list[HostCopy]) -> Sequence:
-        """hosts: the host copy of the request's adapter, or of each adapter of its composition (in order)."""
+        """hosts: the host copy of the request's adapter, or of each adapter of its composition (in order), then
+        of its virtual tokens' adapter."""
         p = req.params
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-        mix = [MixPart(m.record.identity, m.weight, host)
-               for m, host in zip(req.mix, hosts if req.mix else [], strict=True)]
+        virtual = hosts[-1] if req.virtual is not None else None
+        weights = hosts[:-1] if virtual is not None else hosts
+        mix = [MixPart(m.record.identity, m.weight, host) for m, host in zip(req.mix, weights if req.mix else [],
+                                                                            strict=True)]
         return Sequence(
             req=req, index=index, stream=stream, generator=make_generator(p.seed, self.runner.device, index),
             detok=IncrementalDetokenizer(self.tokenizer, req.prompt_ids), stopper=StopStringMatcher(p.stop),
-            stop_ids=stop_ids, host=None if req.mix or not hosts else hosts[0], mix=mix,
+            stop_ids=stop_ids, host=None if req.mix or not weights else weights[0], mix=mix, virtual_host=virtual,
         )
 
     def _loop(self) -> None:

@@ -33,6 +33,8 @@ class GenerationRequest:
     arrival: float = field(default_factory=time.monotonic)
     # several adapters with weights (or one at a weight other than 1), on top of the base model; `adapter` is None
     mix: tuple[WeightedAdapter, ...] = ()
+    # a prompt or prefix tuning adapter: its virtual tokens precede the prompt (alone, or beside `adapter` or `mix`)
+    virtual: AdapterRecord | None = None
 
 
 @dataclass(frozen=True)

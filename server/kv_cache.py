@@ -52,6 +52,13 @@ class KVCache:
             k[:, start : start + length].zero_()
             v[:, start : start + length].zero_()
 
+    def write(self, block: Block, kv: torch.Tensor) -> None:
+        """Put keys and values at a block's first positions: kv [layers, 2, kv_heads, n, head_dim] (a prefix)."""
+        start, n = block.start * self.unit, kv.shape[3]
+        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k[:, start : start + n] = kv[layer, 0]
+            v[:, start : start + n] = kv[layer, 1]
+
     def move(self, src: Block, dst: Block, length: int) -> None:
         """Copy positions [0, length) of `src` to `dst` (a sequence outgrowing its block)."""
         a, b = src.start * self.unit, dst.start * self.unit

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from adapters_store.prompt import ModelGeometry
 from server.attention import build_attn_meta, register
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
@@ -31,6 +32,8 @@ class StepInput:
     logits_idx: list[int] = field(default_factory=list)  # packed indices whose next-token logits are needed
     # (start, end, slot, weight): tokens of a composed request add weight times that slot's delta
     weighted: list[tuple[int, int, int, float]] = field(default_factory=list)
+    # (start, end, rows [end - start, hidden]): tokens whose input embeddings are given (prompt tuning)
+    embeds: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
 
 def kv_geometry(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -47,6 +50,19 @@ def kv_geometry(model: PreTrainedModel) -> tuple[int, int, int]:
 def context_limit(model: PreTrainedModel) -> int:
     cfg = model.config.get_text_config()
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048)
+
+
+def model_geometry(model: PreTrainedModel, embed: torch.nn.Module, head: torch.nn.Module,
+                   kv: tuple[int, int, int]) -> ModelGeometry:
+    """What prompt and prefix tuning, and LoRA on the embedding and the head, must fit."""
+    names = {id(m): name for name, m in model.named_modules()}
+    with torch.no_grad():
+        norms = [m.weight.float().norm(dim=1).cpu() for m in (embed, head)]
+    plain = type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and head.bias is None  # no scaling
+    return ModelGeometry(embed.weight.shape[1], *kv, vocab=embed.weight.shape[0],
+                         embed_name=names.get(id(embed), "") if plain else "",
+                         head_name=names.get(id(head), "") if plain else "", embed_norms=norms[0], head_norms=norms[1],
+                         tied=head.weight is embed.weight)
 
 
 class ModelRunner:
@@ -68,6 +84,8 @@ class ModelRunner:
         layers, kv_heads, head_dim = kv_geometry(model)
         self.cache = KVCache(layers, kv_tokens, kv_heads, head_dim, self.max_model_len, self.dtype, self.device)
         self.vocab_size = self.head.weight.shape[0]
+        self.embed = model.get_input_embeddings()
+        self.geometry = model_geometry(model, self.embed, self.head, (layers, kv_heads, head_dim))
 
     def step_context(self, step: StepInput) -> StepContext:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
@@ -82,7 +100,20 @@ class ModelRunner:
         """Run the step; returns float32 logits [len(step.logits_idx), V]."""
         with self.context.bind(self.step_context(step)) as ctx:
             ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
-            out = self.backbone(input_ids=ids, position_ids=ctx.attn.positions[None], use_cache=False)
+            edges = self.lora.edges
+            slots = torch.tensor(step.token_slots, dtype=torch.long, device=self.device) if edges.active else None
+            inputs = {"input_ids": ids}
+            if step.embeds or edges.embed:
+                x = self.embed(ids)  # [1, N, hidden]
+                for start, end, rows in step.embeds:
+                    x[0, start:end] = rows.to(x.device, x.dtype)
+                if edges.embed:
+                    edges.add_embedding(x[0], ids[0], slots, step.weighted)
+                inputs = {"inputs_embeds": x}
+            out = self.backbone(**inputs, position_ids=ctx.attn.positions[None], use_cache=False)
             idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
             hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
-        return self.head_gemm(hidden).float()
+            logits = self.head_gemm(hidden)  # [n_out, V]
+            if edges.head:
+                edges.add_head(logits, hidden, slots[idx], step.weighted, idx)
+        return logits.float()

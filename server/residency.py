@@ -16,8 +16,9 @@ from adapters_store.host_cache import HostCache
 from adapters_store.identity import AdapterIdentity
 from adapters_store.store import AdapterRecord
 from server.engine import Engine
-from server.errors import TenantOverQuota
+from server.errors import InvalidRequest, TenantOverQuota
 from server.lora.slots import SlotTable
+from server.validation import KIND_NAMES, VIRTUAL_KINDS
 
 Tier = Literal["disk", "host", "device"]
 
@@ -66,6 +67,8 @@ class Residency:
 
         `pin_cap`: the most slots the adapter's namespace may hold pinned (TenantOverQuota beyond it).
         """
+        if record.kind in VIRTUAL_KINDS:
+            return await self._load_virtual(record, pin)
         copy = await asyncio.to_thread(self.host.lease, record)  # the disk read, off the engine thread
         ident = record.identity
 
@@ -86,6 +89,15 @@ class Residency:
             return await self.engine.call(load)
         finally:
             self.host.release(copy)
+
+    async def _load_virtual(self, record: AdapterRecord, pin: bool | None) -> int:
+        """A prompt or prefix tuning adapter has no device slot: its host copy is read (and stays cached as the
+        host cache's idle copies do); -1. It cannot be pinned (InvalidRequest)."""
+        if pin:
+            raise InvalidRequest(f"adapter '{record.id}' is {KIND_NAMES[record.kind]} adapter: it holds no device "
+                                 "slot, so there is nothing to pin (its virtual tokens are copied per request)")
+        self.host.release(await asyncio.to_thread(self.host.lease, record))
+        return -1
 
     async def evict(self, record: AdapterRecord) -> None:
         """Drop from host and device memory; requests in flight finish with the copy they hold."""

@@ -112,6 +112,9 @@ class Scheduler:
             if holder.host is not None:
                 self.host.release(holder.host)
                 holder.host = None
+        if seq.virtual_host is not None:
+            self.host.release(seq.virtual_host)
+            seq.virtual_host = None
 
     def forget(self, seq: Sequence) -> None:
         """Drop a sequence from the batch whatever it holds (its release failed): its KV block is reusable."""
@@ -167,6 +170,10 @@ class Scheduler:
                 self._drop_waiting(seq)
                 continue
             self._drop_waiting(seq)
+            virtual = seq.virtual
+            if virtual is not None and virtual.kind == "prefix":  # its keys and values go first in its block
+                self.cache.write(seq.block, virtual.tensor)
+                seq.fed = virtual.count
             seq.t_admitted = now
             self.metrics.queue_time.observe(now - seq.req.arrival)
             self.running.append(seq)
@@ -281,5 +288,5 @@ FIRST_OUTPUT_TOKENS = 64  # output tokens the first block of a sequence makes ro
 
 def _first_block_tokens(seq: Sequence, max_len: int) -> int:
     """What a sequence's first block must hold: what it prefills, and its first outputs (within its bound)."""
-    final = seq.prompt_len + seq.req.params.max_tokens
+    final = seq.offset + seq.prompt_len + seq.req.params.max_tokens
     return min(final, seq.prefill_to + FIRST_OUTPUT_TOKENS, max_len)

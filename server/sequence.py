@@ -10,6 +10,7 @@ import torch
 
 from adapters_store.host_cache import HostCopy
 from adapters_store.identity import AdapterIdentity
+from adapters_store.prompt import VirtualTokens
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import FinishReason, GenerationRequest, SeqOutput
 from server.kv_blocks import Block
@@ -64,6 +65,7 @@ class Sequence:
     block: Block | None = None  # KV arena block while admitted
     slot: int = -1  # adapter slot while admitted (-1: base model, or a composition)
     mix: list[MixPart] = field(default_factory=list)  # a composed request's adapters (then `host` is None)
+    virtual_host: HostCopy | None = None  # lease on a prompt or prefix tuning adapter's host copy (its request's)
     fed: int = 0  # positions written to its KV block
     prefill_to: int = 0  # positions to write by prefill before decoding: the prompt, or everything after preemption
     finished: FinishReason | None = None
@@ -87,33 +89,54 @@ class Sequence:
     @property
     def label(self) -> str:
         """Metric label of the adapter: its name (namespace/id), '' for the base model, '(composed)' for a
-        composition (one label for all of them: label values stay bounded)."""
-        if self.mix:
+        composition or an adapter with virtual tokens beside it (one label for all of them: label values stay
+        bounded)."""
+        virtual = self.req.virtual
+        if self.mix or (virtual is not None and self.req.adapter is not None):
             return "(composed)"
+        if virtual is not None:
+            return virtual.key
         return "" if self.req.adapter is None else self.req.adapter.key
 
     @property
     def describe(self) -> str:
         if self.mix:
-            return "the composition of " + ", ".join(f"'{p.identity.id}'" for p in self.mix)
-        return "the base model" if self.req.adapter is None else f"adapter '{self.req.adapter.id}'"
+            what = "the composition of " + ", ".join(f"'{p.identity.id}'" for p in self.mix)
+        else:
+            what = "the base model" if self.req.adapter is None else f"adapter '{self.req.adapter.id}'"
+        virtual = self.req.virtual
+        return what if virtual is None else f"{what} with the virtual tokens of '{virtual.id}'"
 
     @property
     def prompt_len(self) -> int:
         return len(self.req.prompt_ids)
 
+    @property
+    def virtual(self) -> VirtualTokens | None:
+        """The virtual tokens at its first positions (prompt or prefix tuning), or None."""
+        return None if self.virtual_host is None else self.virtual_host.adapter.virtual
+
+    @property
+    def offset(self) -> int:
+        """Positions before the prompt: its virtual tokens."""
+        virtual = self.virtual
+        return 0 if virtual is None else virtual.count
+
     def __post_init__(self) -> None:
-        self.prefill_to = self.prefill_to or self.prompt_len
+        self.prefill_to = self.prefill_to or self.offset + self.prompt_len
 
     @property
     def in_prefill(self) -> bool:
         return self.fed < self.prefill_to
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """Its tokens [start, end) (prompt, then outputs)."""
+        """Its token ids at positions [start, end): virtual tokens (as id 0: their embeddings or keys come from
+        the adapter), the prompt, then outputs."""
+        virtual = max(0, min(end, self.offset) - start)
+        start, end = max(start, self.offset) - self.offset, max(end, self.offset) - self.offset
         n = self.prompt_len
         head = list(self.req.prompt_ids[start : min(end, n)])
-        return head + self.output_ids[max(start, n) - n : max(end, n) - n]
+        return [0] * virtual + head + self.output_ids[max(start, n) - n : max(end, n) - n]
 
     def preempted(self) -> None:
         """Its KV block was taken back: every token (outputs too) is prefilled again when it is re-admitted."""
@@ -124,7 +147,7 @@ class Sequence:
     @property
     def length(self) -> int:
         """Tokens this sequence holds in the cache once its last output token is fed back."""
-        return self.prompt_len + len(self.output_ids)
+        return self.offset + self.prompt_len + len(self.output_ids)
 
     def mark_token(self, now: float | None = None) -> float | None:
         """Record a token's time; returns the inter-token gap (None for the first token)."""

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from adapters_store.format import LoraAdapter, ModuleShape, ValidationLimits, parse_adapter
 from adapters_store.host_cache import HostCache
+from adapters_store.prompt import ModelGeometry
 from adapters_store.reader import StoreReader
 from adapters_store.store import AdapterRecord, AdapterStore, ParseFn
 from server.api.keys import KeyTable
@@ -53,9 +54,7 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_model_len=config.max_model_len,
                          kv_tokens=config.kv_cache_tokens, on_slot_load=metrics.load_observer("device"),
                          prepack=prepack)
-    shapes = runner.lora.shapes
-
-    parse = adapter_parser(shapes, limits)
+    parse = adapter_parser(runner.lora.shapes, limits, runner.geometry)
     store = StoreReader(adapters_dir, parse) if reader else AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
     engine = Engine(runner, tokenizer, host, config, metrics, waiting_cap=tenants.waiting_cap)
@@ -64,11 +63,11 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
 
 
-def adapter_parser(shapes: dict[str, ModuleShape], limits: ValidationLimits) -> ParseFn:
-    """Upload and store validation bound to the base model's projection shapes."""
+def adapter_parser(shapes: dict[str, ModuleShape], limits: ValidationLimits, geometry: ModelGeometry) -> ParseFn:
+    """Upload and store validation bound to the base model's projection shapes and geometry."""
 
     def parse(adapter_id: str, config_bytes: bytes, weights: bytes) -> LoraAdapter:
-        return parse_adapter(adapter_id, config_bytes, weights, shapes, limits)
+        return parse_adapter(adapter_id, config_bytes, weights, shapes, limits, geometry)
 
     return parse
 

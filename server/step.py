@@ -52,6 +52,10 @@ def _pack(plan: StepPlan, seq: Sequence, chunk: int | None) -> None:
         n = chunk
         step.token_ids += seq.tokens(pos0, pos0 + n)
         step.prefills.append((start, start + n, seq.block, pos0))
+        virtual = seq.virtual
+        if virtual is not None and virtual.kind == "prompt" and pos0 < virtual.count:  # its virtual embeddings
+            end = min(pos0 + n, virtual.count)
+            step.embeds.append((start, start + end - pos0, virtual.tensor[pos0:end]))
         samples = pos0 + n == seq.prefill_to
     else:  # its last output token, at the next position
         n, samples = 1, True

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from server.engine_types import MAX_ADAPTER_WEIGHT, GenerationRequest
 from server.errors import InvalidRequest
 
-KIND_NAMES = {"lora": "a LoRA", "dora": "a DoRA", "ia3": "an IA3"}
+KIND_NAMES = {"lora": "a LoRA", "dora": "a DoRA", "ia3": "an IA3", "prompt": "a prompt tuning",
+              "prefix": "a prefix tuning"}
+VIRTUAL_KINDS = frozenset({"prompt", "prefix"})  # adapters of virtual tokens, not of weights
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,13 @@ def check_request(req: GenerationRequest, limits: RequestLimits) -> None:
     n_prompt = len(req.prompt_ids)
     if n_prompt == 0:
         raise InvalidRequest("the prompt is empty: at least one token is needed")
-    total = n_prompt + req.params.max_tokens
+    _check_kinds(req)
+    n_virtual = 0 if req.virtual is None else req.virtual.virtual_tokens
+    total = n_virtual + n_prompt + req.params.max_tokens
     if total > limits.max_model_len:
-        raise InvalidRequest(f"prompt ({n_prompt} tokens) + max_tokens ({req.params.max_tokens}) = {total} "
-                             f"exceeds the context length of {limits.max_model_len} tokens")
+        virtual = f"virtual tokens of '{req.virtual.id}' ({n_virtual}) + " if n_virtual else ""
+        raise InvalidRequest(f"{virtual}prompt ({n_prompt} tokens) + max_tokens ({req.params.max_tokens}) = "
+                             f"{total} exceeds the context length of {limits.max_model_len} tokens")
     vocab = limits.vocab_size
     bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
     if bad:
@@ -46,6 +51,16 @@ def check_request(req: GenerationRequest, limits: RequestLimits) -> None:
     if req.params.n > min(limits.max_batch_size, limits.max_waiting):
         raise InvalidRequest(f"n={req.params.n} exceeds what the server can hold at once "
                              f"(batch size {limits.max_batch_size}, queue {limits.max_waiting})")
+
+
+def _check_kinds(req: GenerationRequest) -> None:
+    """Virtual tokens come only from `virtual`, and `virtual` only from a prompt or prefix tuning adapter."""
+    if req.adapter is not None and req.adapter.kind in VIRTUAL_KINDS:
+        raise InvalidRequest(f"adapter '{req.adapter.id}' is {KIND_NAMES[req.adapter.kind]} adapter: it goes in "
+                             "the request's virtual tokens, not its weights")
+    if req.virtual is not None and req.virtual.kind not in VIRTUAL_KINDS:
+        raise InvalidRequest(f"adapter '{req.virtual.id}' is {KIND_NAMES[req.virtual.kind]} adapter, not a prompt "
+                             "or prefix tuning one: it has no virtual tokens")
 
 
 def _check_mix(req: GenerationRequest, limit: int) -> None:
@@ -61,6 +76,9 @@ def _check_mix(req: GenerationRequest, limit: int) -> None:
         if m.record.kind != "lora":
             raise InvalidRequest(f"adapter '{m.record.id}' is {KIND_NAMES[m.record.kind]} adapter, which "
                                  "cannot be composed or scaled (its rescale is not linear in a delta)")
+        if not m.record.composable:
+            raise InvalidRequest(f"adapter '{m.record.id}' replaces rows or a copy of the embedding or the head "
+                                 "(trainable_token_indices, modules_to_save), which cannot be composed or scaled")
         if not math.isfinite(m.weight) or abs(m.weight) > MAX_ADAPTER_WEIGHT:
             raise InvalidRequest(f"the weight of adapter '{m.record.id}' is {m.weight}; weights must be finite "
                                  f"and within [-{MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}]")

@@ -47,6 +47,15 @@ def tiny_adapter_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return save_peft_adapters(base, SERVING_ADAPTERS, tmp_path_factory.mktemp("tiny-adapters"), b_std=0.5)
 
 
+@pytest.fixture(scope="session")
+def virtual_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """PEFT prompt and prefix tuning adapters for the tiny chat model (tiny_models.PROMPT_LEARNING)."""
+    from tiny_models import PROMPT_LEARNING, save_prompt_learning
+
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    return save_prompt_learning(base, PROMPT_LEARNING, tmp_path_factory.mktemp("virtual"))
+
+
 # adapter format tests: a tiny Llama's projection shapes and one PEFT-saved adapter (per module)
 
 

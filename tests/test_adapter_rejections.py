@@ -32,11 +32,13 @@ from adapters_store.format import ModuleShape, ValidationLimits
     ("cfg", "status", "fragments"),
     [
         ({"peft_type": "IA3"}, 400, ["unexpected tensor", "in an IA3 adapter: expected '<module>.ia3_l'"]),
-        ({"peft_type": "PROMPT_TUNING"}, 400, ["peft_type is 'PROMPT_TUNING'", "'IA3'"]),
+        ({"peft_type": "P_TUNING"}, 400, ["peft_type is 'P_TUNING'", "'IA3', 'PROMPT_TUNING' and 'PREFIX_TUNING'"]),
         ({"peft_type": None}, 400, ["peft_type is None"]),
         ({"use_dora": True}, 400, ["has no lora_magnitude_vector, which use_dora=true requires"]),
         ({"use_dora": "yes"}, 400, ["use_dora must be true or false"]),
-        ({"modules_to_save": ["lm_head"]}, 400, ["modules_to_save=['lm_head']"]),
+        ({"modules_to_save": ["lm_head"]}, 400, ["modules_to_save entry 'lm_head'", "none here"]),
+        ({"modules_to_save": ["norm"]}, 400, ["modules_to_save entry 'norm'"]),
+        ({"trainable_token_indices": [3]}, 422, ["needs the base model's embedding"]),
         ({"bias": "all"}, 400, ["bias='all'"]),
         ({"bias": "lora_only"}, 400, ["bias='lora_only'"]),
         ({"lora_bias": True}, 400, ["lora_bias=True"]),
@@ -203,7 +205,7 @@ def test_rejects_unknown_module(basic: Saved, llama_shapes: dict[str, ModuleShap
 
 def test_rejects_unexpected_key(basic: Saved, llama_shapes: dict[str, ModuleShape]) -> None:
     for extra in (
-        f"{PREFIX}model.embed_tokens.lora_embedding_A",
+        f"{PREFIX}model.embed_tokens.lora_embedding_C",
         f"{PREFIX}{Q0}.lora_magnitude_vector.weight.extra",
         f"{PREFIX}{Q0}.lora_B.bias",
         f"{PREFIX}lm_head.modules_to_save.default.weight",

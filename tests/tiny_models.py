@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from adapters_store.format import LoraAdapter, ValidationLimits, parse_adapter, read_adapter_dir
@@ -69,6 +69,24 @@ GPT2_ADAPTERS: dict[str, dict] = {
 }
 
 
+PROMPT_LEARNING = {  # prompt and prefix tuning adapters for the tiny chat model
+    "pt5": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "px4": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "px3proj": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                  encoder_hidden_size=32),  # saved with its projection folded in
+}
+
+
+def save_prompt_learning(base: torch.nn.Module, specs: dict, root: Path, seed: int = 20) -> dict[str, Path]:
+    """PEFT prompt learning adapters as PEFT initialises and saves them (random virtual tokens)."""
+    dirs = {}
+    for i, (name, cfg) in enumerate(specs.items()):
+        torch.manual_seed(seed + i)
+        dirs[name] = root / name
+        get_peft_model(copy.deepcopy(base), copy.deepcopy(cfg)).save_pretrained(dirs[name])
+    return dirs
+
+
 @dataclass
 class AdapterSet:
     base: torch.nn.Module  # untouched copy of the base model
@@ -87,10 +105,12 @@ def save_peft_adapters(base: torch.nn.Module, specs: dict[str, dict], root: Path
         model = get_peft_model(copy.deepcopy(base), cfg)
         with torch.no_grad():  # make B large enough that adapters change the logits visibly
             for n, p in model.named_parameters():
-                if "lora_B" in n:
+                if "lora_B" in n or "lora_embedding_" in n:  # an embedding's A too: PEFT's init is N(0, 1)
                     p.normal_(0, b_std)
                 elif "lora_magnitude_vector" in n:  # DoRA: magnitudes away from the initial weight norms
                     p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+                elif "modules_to_save" in n or "trainable_tokens_delta" in n:  # trained copies and rows
+                    p.add_(torch.randn_like(p) * p.std() * 2)
         dirs[name] = root / name
         model.save_pretrained(dirs[name])
     return dirs

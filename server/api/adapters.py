@@ -40,7 +40,7 @@ def adapter_info(record: AdapterRecord, info: ResidencyInfo) -> dict:
     in a cluster, each replica that holds it)."""
     body = AdapterInfo(
         id=record.id, namespace=record.namespace, shared=record.namespace == SHARED, kind=record.kind,
-        rank=record.rank,
+        rank=record.rank, virtual_tokens=record.virtual_tokens, composable=record.composable,
         alpha=record.alpha, target_modules=list(record.target_modules), size_bytes=record.size_bytes,
         sha256=record.sha256, created_at=record.created_at, residency=info.tier, pinned=info.pinned,
         in_flight=info.in_flight, requests_served=info.served, last_used=info.last_used,

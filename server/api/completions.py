@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -28,6 +29,7 @@ from server.engine_types import SeqOutput, WeightedAdapter
 from server.sampling import SamplingParams
 from server.services import Services
 from server.settings import Settings
+from server.validation import KIND_NAMES, VIRTUAL_KINDS
 
 router = APIRouter(tags=["generation"], responses=error_responses(400, 401, 403, 404, 413, 422, 429, 500, 503))
 _SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -47,25 +49,50 @@ def resolve_model(services: Services, principal: Principal, name: str, tenant: s
     return record
 
 
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What a request runs on: one adapter or a composition (or neither: the base model), and virtual tokens."""
+
+    adapter: AdapterRecord | None = None
+    mix: tuple[WeightedAdapter, ...] = ()
+    virtual: AdapterRecord | None = None  # a prompt or prefix tuning adapter
+
+    @property
+    def virtual_tokens(self) -> int:
+        return 0 if self.virtual is None else self.virtual.virtual_tokens
+
+
 def resolve_adapters(services: Services, principal: Principal, body: CompletionRequest | ChatCompletionRequest,
-                     tenant: str | None) -> tuple[AdapterRecord | None, tuple[WeightedAdapter, ...]]:
-    """The request's adapter, or its composition (`adapters`); 404 for an adapter the caller cannot use."""
+                     tenant: str | None) -> AdapterChoice:
+    """The request's adapter, or its composition (`adapters`), and its prompt or prefix tuning adapter (named by
+    `model`, or once in `adapters` at weight 1); 404 for an adapter the caller cannot use."""
     record = resolve_model(services, principal, body.model, tenant)
     if body.adapters is None:
-        return record, ()
+        virtual = record is not None and record.kind in VIRTUAL_KINDS
+        return AdapterChoice(virtual=record) if virtual else AdapterChoice(adapter=record)
     if record is not None:
         raise APIError(400, f"with `adapters`, `model` must name the base model '{services.served_model_name}', "
                        f"not the adapter '{body.model}'", param="model")
-    mix = []
+    mix, virtual = [], None
     for i, item in enumerate(body.adapters):
         found = find_adapter(services.store, principal, item.id, tenant)
         if found is None:
             raise APIError(404, f"adapters[{i}]: the adapter '{item.id}' does not exist (or you cannot use it)",
                            "model_not_found", param=f"adapters[{i}].id")
-        mix.append(WeightedAdapter(found, item.weight))
+        if found.kind not in VIRTUAL_KINDS:
+            mix.append(WeightedAdapter(found, item.weight))
+            continue
+        if virtual is not None:
+            raise APIError(400, f"adapters[{i}]: '{item.id}' is a second adapter of virtual tokens (the request "
+                           f"already has '{virtual.id}'); at most one prompt or prefix tuning adapter per request",
+                           param=f"adapters[{i}].id")
+        if item.weight != 1.0:
+            raise APIError(400, f"adapters[{i}]: '{item.id}' is {KIND_NAMES[found.kind]} adapter: its virtual tokens "
+                           f"take no weight (got {item.weight:g}, only 1)", param=f"adapters[{i}].weight")
+        virtual = found
     if len(mix) == 1 and mix[0].weight == 1.0:  # one adapter at its own scale: a plain request
-        return mix[0].record, ()
-    return None, tuple(mix)
+        return AdapterChoice(mix[0].record, (), virtual)
+    return AdapterChoice(None, tuple(mix), virtual)
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, settings: Settings, max_tokens: int,
@@ -149,12 +176,13 @@ async def create_completion(body: CompletionRequest, request: Request, services:
     """OpenAI completions; `prompt` is text, texts, token ids or lists of token ids."""
     if body.echo:
         raise APIError(400, "echo=true is not supported", param="echo")
-    adapter, mix = resolve_adapters(services, principal, body, tenant)
+    choice = resolve_adapters(services, principal, body, tenant)
     params = sampling_params(body, services.settings, body.max_tokens or 16, body.logprobs)
 
     async def prepare() -> Job:
         prompts = await asyncio.to_thread(_tokenize_prompts, services.model.tokenizer, body.prompt)
-        return Job(prompts, params, adapter, body.model, want_logprobs=body.logprobs is not None, mix=mix)
+        return Job(prompts, params, choice.adapter, body.model, want_logprobs=body.logprobs is not None,
+                   mix=choice.mix, virtual=choice.virtual)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,
@@ -167,17 +195,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     """OpenAI chat completions through the base model's chat template."""
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    adapter, mix = resolve_adapters(services, principal, body, tenant)
+    choice = resolve_adapters(services, principal, body, tenant)
     messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
 
     async def prepare() -> Job:
         prompt = await asyncio.to_thread(_chat_prompt, services.model.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, services.engine.max_model_len - len(prompt))
+            max_tokens = max(1, services.engine.max_model_len - choice.virtual_tokens - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, services.settings, max_tokens, logprobs)
-        return Job([prompt], params, adapter, body.model, want_logprobs=body.logprobs, mix=mix)
+        return Job([prompt], params, choice.adapter, body.model, want_logprobs=body.logprobs, mix=choice.mix,
+                   virtual=choice.virtual)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await serve_generation(request, services, principal.tenant, prepare, body.stream, include_usage,

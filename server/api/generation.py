@@ -54,13 +54,15 @@ class Job:
     model: str  # the name the client used, echoed in responses
     want_logprobs: bool
     mix: tuple[WeightedAdapter, ...] = ()  # a composition of adapters (then `adapter` is None)
+    virtual: AdapterRecord | None = None  # a prompt or prefix tuning adapter
 
     @property
     def adapter_label(self) -> str | None:
-        """The adapter as the access log names it: its key, or each key of a composition with its weight."""
-        if self.mix:
-            return "+".join(f"{m.record.key}*{m.weight:g}" for m in self.mix)
-        return None if self.adapter is None else self.adapter.key
+        """The adapter as the access log names it: its key, or each key of a composition with its weight, and
+        the key of its virtual tokens' adapter."""
+        parts = [f"{m.record.key}*{m.weight:g}" for m in self.mix] or ([self.adapter.key] if self.adapter else [])
+        parts += [self.virtual.key] if self.virtual is not None else []
+        return "+".join(parts) or None
 
 
 class GenerationRun:
@@ -72,7 +74,7 @@ class GenerationRun:
         self.n = job.params.n
         self.requests = [
             GenerationRequest(request_id=f"{prefix}-{i}", prompt_ids=p, params=job.params, adapter=job.adapter,
-                              tenant=tenant, mix=job.mix)
+                              tenant=tenant, mix=job.mix, virtual=job.virtual)
             for i, p in enumerate(job.prompts)
         ]
         self.prompt_tokens = sum(len(p) for p in job.prompts)

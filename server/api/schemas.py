@@ -60,7 +60,9 @@ class _Sampling(BaseModel):
                         "base model's served name)")
     adapters: Annotated[list[AdapterWeight], Field(min_length=1, max_length=MAX_COMPOSED)] | None = Field(
         None, description="serve the base model plus the weighted sum of these adapters' deltas (one adapter "
-        "with a weight other than 1: that adapter at another scale); `model` must then name the base model")
+        "with a weight other than 1: that adapter at another scale); at most one of them may be a prompt or "
+        "prefix tuning adapter (weight 1), whose virtual tokens then precede the prompt; `model` must then name "
+        "the base model")
     temperature: float | None = Field(1.0, ge=0, le=1e6)
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1: off")
@@ -205,9 +207,16 @@ class AdapterInfo(BaseModel):
     object: Literal["adapter"] = "adapter"
     namespace: str = Field(description="the owning tenant, or 'shared'")
     shared: bool
-    kind: Literal["lora", "dora", "ia3"] = Field(
-        description="lora; dora (weight-decomposed: LoRA plus a magnitude); ia3 (learned scales of projections)")
+    kind: Literal["lora", "dora", "ia3", "prompt", "prefix"] = Field(
+        description="lora; dora (weight-decomposed: LoRA plus a magnitude); ia3 (learned scales of projections); "
+        "prompt (prompt tuning: virtual input embeddings before the prompt); prefix (prefix tuning: virtual keys "
+        "and values before the prompt)")
     rank: int
+    virtual_tokens: int = Field(0, description="prompt and prefix tuning: the positions of the context its virtual "
+                                "tokens take before the prompt (0 for the other kinds)")
+    composable: bool = Field(True, description="whether it may be weighted or composed in `adapters` (LoRA that "
+                             "replaces nothing: not DoRA, IA3, prompt or prefix tuning, modules_to_save or "
+                             "trainable tokens)")
     alpha: float
     target_modules: list[str]
     size_bytes: int

@@ -39,7 +39,8 @@ async def cluster_lifespan(app: FastAPI, settings: ClusterSettings, keys: KeyTab
     facts = await view.facts(FIRST_REPORT_S)
     loaded = await asyncio.to_thread(load_tokenizer, settings.model, settings.cache_dir)
     limits = validation_limits(settings)
-    store = await asyncio.to_thread(AdapterStore, settings.adapters_dir, adapter_parser(facts.shapes, limits))
+    parse = adapter_parser(facts.shapes, limits, facts.geometry)
+    store = await asyncio.to_thread(AdapterStore, settings.adapters_dir, parse)
     affinity = settings.routing == "affinity"
     engine = RemoteEngine(engines, view, facts.limits, affinity)
     metrics = Metrics()  # the batch gauges: the replicas' sums

@@ -72,7 +72,8 @@ class EngineReplica:
                                                 threads=settings.threads)
         self.core.engine.start()
         self._loop = loop
-        facts = ModelFacts(limits=self.engine.limits, shapes=self.core.runner.lora.shapes)
+        runner = self.core.runner
+        facts = ModelFacts(limits=self.engine.limits, shapes=runner.lora.shapes, geometry=runner.geometry)
         self._applied = await state.register.remote(facts)
         self._sync = asyncio.ensure_future(self._sync_loop())
         self._drain_timeout = settings.drain_timeout

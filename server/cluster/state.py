@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from adapters_store.format import ModuleShape
 from adapters_store.identity import AdapterIdentity
+from adapters_store.prompt import ModelGeometry
 from server.engine_types import EngineStats
 from server.residency import ResidencyInfo
 from server.validation import RequestLimits
@@ -41,6 +42,7 @@ class ModelFacts:
 
     limits: RequestLimits
     shapes: dict[str, ModuleShape]  # the base model's projections (what uploads are validated against)
+    geometry: ModelGeometry  # its embedding width and KV shape (what prompt and prefix tuning must fit)
 
 
 class ClusterState:

@@ -12,6 +12,7 @@ from torch import nn
 
 from adapters_store.format import LoraAdapter, ModuleShape
 from server.gemm import PackedLinear, prepack_supported
+from server.lora.edges import EdgeSlots
 from server.lora.layers import LoraProjection, ProjectionGroup
 from server.lora.merge import MergedWeights
 from server.lora.packing import shared_input_groups
@@ -71,6 +72,8 @@ class LoraRuntime:
                 _replace(model, name, LoraProjection(base, group, member, packed))
                 if packed is not None:
                     self.packed[name] = packed
+        vocab = model.get_input_embeddings().weight.shape[0]
+        self.edges = EdgeSlots(self.device, self.dtype, param.dtype, vocab)  # adapters of the embedding and head
         self.merged = MergedWeights(self.groups, self.modules, self.shapes, self.packed)
         for group in self.groups:
             group.original = self.merged.original
@@ -83,10 +86,12 @@ class LoraRuntime:
     # SlotDevice of server.lora.slots
     @torch.no_grad()
     def write_slot(self, slot: int, adapter: LoraAdapter) -> frozenset[int]:
+        self.edges.write(slot, adapter)
         return frozenset(g.index for g in self.groups if g.write(slot, adapter))
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
+        self.edges.clear(slot)
         for group in self.groups:
             group.clear(slot)
 

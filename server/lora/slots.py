@@ -55,6 +55,7 @@ class Slot:
     mergeable: bool = True  # False once a fold was refused (non-finite weights): served by side paths only
     draining: bool = False  # evicted while in use: cleared when idle, never handed out again
     kind: str = "lora"  # dora: its tokens are rescaled, and merged it must run alone; ia3: rescaled, never merged
+    # (nor is an adapter of the embedding or the head: `mergeable` is False)
 
     @property
     def busy(self) -> bool:
@@ -264,7 +265,8 @@ class SlotTable:
         self._stats.load_seconds_total += elapsed
         if self._on_load is not None:
             self._on_load(elapsed)
-        self._slots[slot] = Slot(ident, adapter.rank, groups, mergeable=adapter.kind != "ia3", kind=adapter.kind)
+        mergeable = adapter.kind != "ia3" and not adapter.edges and adapter.replaces is None
+        self._slots[slot] = Slot(ident, adapter.rank, groups, mergeable=mergeable, kind=adapter.kind)
         self._live[ident] = slot
         return slot
 
