@@ -6,7 +6,7 @@ residency counters are read from their owners (the scheduler, the host cache, th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -58,7 +58,8 @@ class Metrics:
         self.kv_tokens_used.set_function(kv_used)
 
     def watch_residency(self, host: Callable[[], HostStats], slots: Callable[[], SlotStats],
-                        stored: Callable[[], int]) -> None:
+                        stored: Callable[[], Mapping[str, int]]) -> None:
+        """stored: adapters in the store by kind (lora, dora, ia3, prompt, prefix)."""
         self.registry.register(_ResidencyCollector(host, slots, stored))
 
     def load_observer(self, tier: str) -> Callable[[float], None]:
@@ -80,7 +81,8 @@ class Metrics:
 class _ResidencyCollector:
     """Loads, hits, evictions and resident adapters per tier, from the host cache and the slot table."""
 
-    def __init__(self, host: Callable[[], HostStats], slots: Callable[[], SlotStats], stored: Callable[[], int]):
+    def __init__(self, host: Callable[[], HostStats], slots: Callable[[], SlotStats],
+                 stored: Callable[[], Mapping[str, int]]):
         self._host, self._slots, self._stored = host, slots, stored
 
     def collect(self) -> Iterator[Metric]:
@@ -98,5 +100,10 @@ class _ResidencyCollector:
         resident = GaugeMetricFamily("loramux_adapters_resident", "Adapters resident per tier", labels=["tier"])
         resident.add_metric(["device"], slots.used)
         resident.add_metric(["host"], host.idle + host.leased)
-        resident.add_metric(["disk"], self._stored())
+        stored = self._stored()
+        resident.add_metric(["disk"], sum(stored.values()))
         yield resident
+        kinds = GaugeMetricFamily("loramux_adapters_stored", "Adapters in the store by kind", labels=["kind"])
+        for kind, n in sorted(stored.items()):
+            kinds.add_metric([kind], n)
+        yield kinds

@@ -7,6 +7,7 @@ build it this way); ``build_services`` adds what the HTTP routes need, from the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     store = StoreReader(adapters_dir, parse) if reader else AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))
     engine = Engine(runner, tokenizer, host, config, metrics, waiting_cap=tenants.waiting_cap)
-    stored = (lambda: 0) if reader else (lambda: len(store.list()))
+    stored = dict if reader else (lambda: Counter(r.kind for r in store.list()))
     metrics.watch_residency(lambda: host.stats, lambda: runner.slots.stats, stored)
     return Core(runner, limits, store, host, engine, Residency(host, runner.slots, engine), metrics)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from http_fixtures import complete, make_settings, thread_server, upload
+from http_fixtures import complete, make_settings, metric_value, thread_server, upload
 from test_prompt_tuning import greedy, reference
 from tiny_models import save_peft_adapters
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,6 +72,12 @@ def test_listing_shows_kind_and_virtual_tokens(client):
               for a in client.get("/v1/adapters").json()["data"]}
     assert listed == {"h-a1": ("lora", 0, 8, True), "h-pt5": ("prompt", 5, 0, False), "h-px4": ("prefix", 4, 0, False),
                       "h-emb": ("lora", 0, 4, True), "h-tokens": ("lora", 0, 2, False)}
+
+
+def test_metrics_count_stored_adapters_by_kind(client):
+    text = client.get("/metrics").text
+    counts = {kind: metric_value(text, "loramux_adapters_stored", kind=kind) for kind in ("lora", "prompt", "prefix")}
+    assert counts == {"lora": 3, "prompt": 1, "prefix": 1}
 
 
 def test_edge_adapters_serve(client, base_name):
