@@ -166,17 +166,15 @@ def _plan_part(runs: list[tuple[int, int, int]], slot_ranks: list[int], device, 
 WeightedRun = tuple[int, int, int, float]  # (start, end, slot, weight): tokens [start, end) add w * their slot's delta
 
 
-def _weighted_parts(weighted: Sequence[WeightedRun], slot_ranks: list[int], device,
-                    max_pad_ratio: float) -> list[LoraPart]:
-    """Weighted runs as parts of their own, one per rank bucket, planned like the others (a batched matmul
-    over gathered tokens, each scaled by its weight, where the padding allows); a token may be in several."""
+def _weighted_by_bucket(weighted: Sequence[WeightedRun], slot_ranks: list[int]) -> dict[int, list[WeightedRun]]:
+    """Weighted runs by rank bucket. In a bucket that also has single-slot runs they join that bucket's part;
+    alone they form a part of their own; either way a batched matmul over gathered tokens, each scaled by its
+    weight, where the padding allows (a token may be in several groups)."""
     buckets: dict[int, list[WeightedRun]] = {}
     for run in weighted:
         if run[1] > run[0]:
             buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
-    return [_plan_part([(s, e, slot) for s, e, slot, _ in runs], slot_ranks, device, max_pad_ratio,
-                       weights=[float(w) for *_, w in runs])
-            for _, runs in sorted(buckets.items())]
+    return buckets
 
 
 def plan_lora(
@@ -220,10 +218,19 @@ def plan_lora(
     for run in _runs(token_slots, merged_slot):
         if slot_ranks[run[2]] > 0:
             buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
-    parts = tuple(_plan_part(runs, slot_ranks, device, max_pad_ratio)
-                  for _, bucket_runs in sorted(buckets.items())
-                  for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
-    parts += tuple(_weighted_parts(weighted, slot_ranks, device, max_pad_ratio))
+    by_bucket = _weighted_by_bucket(weighted, slot_ranks)
+    parts: tuple[LoraPart, ...] = ()
+    for bucket, bucket_runs in sorted(buckets.items()):
+        extra = by_bucket.pop(bucket, [])
+        if extra:  # the bucket's composed tokens join its part: one batched matmul instead of two
+            runs = bucket_runs + [(s, e, slot) for s, e, slot, _ in extra]
+            weights = [1.0] * len(bucket_runs) + [float(w) for *_, w in extra]
+            parts += (_plan_part(runs, slot_ranks, device, max_pad_ratio, weights=weights),)
+        else:
+            parts += tuple(_plan_part(runs, slot_ranks, device, max_pad_ratio)
+                           for runs in _split_by_slot_range(bucket_runs, max_slot_ranges))
+    parts += tuple(_plan_part([(s, e, slot) for s, e, slot, _ in runs], slot_ranks, device, max_pad_ratio,
+                              weights=[float(w) for *_, w in runs]) for _, runs in sorted(by_bucket.items()))
     if rescaled_slots:
         if subtract is not None and merged_slot in rescaled_slots:
             raise ValueError(f"slot {merged_slot} (DoRA) is merged: no other adapter's tokens may run beside it")
