@@ -13,6 +13,8 @@ import safetensors.torch
 import torch
 from engine_harness import build_engine, collect_together
 from peft import PeftModel
+from test_composition import MAX_TOKENS
+from test_composition import peft_greedy as greedy_of
 from tiny_models import save_peft_adapters
 from transformers import AutoModelForCausalLM
 
@@ -34,7 +36,6 @@ EDGE_SPECS = {  # the tiny chat model ties its head to its embedding: PEFT adapt
                    trainable_token_indices=[485, 496, 507, 518, 855, 866, 877, 10, 20]),
 }
 MIXES = {"mix_emb": (("emb_r4", "a1"), (0.6, 0.4)), "mix_edges": (("both_r6", "head_r8"), (0.5, 0.7))}
-MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +65,9 @@ def peft(tiny_model_dir, tiny_adapter_dirs, edge_dirs) -> dict[str | None, tuple
     return refs
 
 
-@torch.no_grad()
 def peft_greedy(refs: dict, what: str | None, prompt: list[int]) -> tuple[list[int], list[float]]:
-    peft, adapter = refs[what]
-    ids, logprobs = list(prompt), []
-    for _ in range(MAX_TOKENS):
-        x = torch.tensor([ids])
-        if adapter is None:
-            with peft.disable_adapter():
-                row = peft(input_ids=x).logits[0, -1].float().log_softmax(-1)
-        else:
-            peft.set_adapter(adapter)
-            row = peft(input_ids=x).logits[0, -1].float().log_softmax(-1)
-        token = int(row.argmax())
-        ids.append(token)
-        logprobs.append(row[token].item())
-    return ids[len(prompt):], logprobs
+    model, adapter = refs[what]
+    return greedy_of(model, adapter, prompt)
 
 
 @pytest.fixture(scope="module", params=["batched", "auto", "merged"])
