@@ -316,7 +316,7 @@ def _patterns(bad: Bad, field: str, value: Any, check: Callable[[Any], bool]) ->
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
-        raise bad(f"{field} must map module patterns to numbers, got {_brief(value)}")
+        raise bad(f"{field} must map module patterns to numbers, got {brief(value)}")
     if len(value) > MAX_PATTERNS:
         raise bad(f"{field} has {len(value)} patterns, over the limit of {MAX_PATTERNS}")
     for key in value:
@@ -334,10 +334,11 @@ def _names(bad: Bad, field: str, value: Any) -> str | tuple[str, ...] | None:
         if len(value) > MAX_PATTERNS:
             raise bad(f"{field} has {len(value)} names, over the limit of {MAX_PATTERNS}")
         return tuple(value)
-    raise bad(f"{field} must be a list of module names or a regex string, got {_brief(value)}")
+    raise bad(f"{field} must be a list of module names or a regex string, got {brief(value)}")
 
 
-def _brief(value: Any, limit: int = 200) -> str:
+def brief(value: Any, limit: int = 200) -> str:
+    """repr(value), cut at `limit` characters (with the full length) for error messages."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 

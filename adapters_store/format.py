@@ -33,7 +33,7 @@ from adapters_store.config import (
     load_json,
     read_config,
 )
-from adapters_store.edges import edge_modules, without_base_copies
+from adapters_store.edges import EDGES, edge_modules, without_base_copies
 from adapters_store.ia3 import parse_ia3
 from adapters_store.lora_checks import check_magnitude, check_shapes, dora_magnitude, show
 from adapters_store.prompt import PROMPT_TYPES, ModelGeometry, VirtualTokens, parse_prompt
@@ -196,7 +196,7 @@ def parse_adapter(
     weights = {}
     for module, pair in sorted(pairs.items()):
         check_deadline(adapter_id, deadline, limits, len(weights), len(pairs))
-        _check_edge_keys(adapter_id, module, pair, module in edges and edges[module] == "embed", config)
+        _check_edge_keys(adapter_id, module, pair, edges.get(module) == "embed", config)
         weights[module] = _check_module(adapter_id, module, pair, shapes, config, limits)
     edge_weights = {edges[m]: weights.pop(m) for m in list(weights) if m in edges}
     _check_one_per_edge(adapter_id, edge_weights, replaces)
@@ -218,7 +218,7 @@ def parse_adapter(
 def _check_one_per_edge(adapter_id: str, lora: Mapping[str, LoraWeights], replaces: Replacements) -> None:
     """An edge takes LoRA, a trained copy or trained rows, not two of them."""
     tokens = replaces.tokens
-    for edge in ("embed", "head"):
+    for edge in EDGES:
         held = [what for what, has in (("LoRA", edge in lora), ("modules_to_save", edge in replaces.copies),
                                        ("trainable_token_indices", tokens is not None and (
                                            edge == "embed" or tokens.tied_head))) if has]

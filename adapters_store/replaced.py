@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapters_store.config import INCOMPATIBLE, check_entries, config_error, invalid
+from adapters_store.config import INCOMPATIBLE, brief, check_entries, config_error, invalid
 from adapters_store.edges import edge_modules
 from adapters_store.prompt import ModelGeometry
 
@@ -102,7 +102,7 @@ def _tokens(adapter_id: str, spec: Any, tensors: dict[str, torch.Tensor], edges:
     embed = next((m for m, edge in edges.items() if edge == "embed"), None)
     if isinstance(spec, dict):
         if len(spec) != 1 or embed is None or next(iter(spec)) not in (embed, _short(embed)):
-            raise bad(f"trainable_token_indices={_brief(spec)}: only the input embedding's tokens are servable "
+            raise bad(f"trainable_token_indices={brief(spec, 120)}: only the input embedding's tokens are servable "
                       f"(key '{_short(embed) if embed else 'none here'}')", **INCOMPATIBLE)
         spec = next(iter(spec.values()))
     if embed is None:
@@ -110,11 +110,11 @@ def _tokens(adapter_id: str, spec: Any, tensors: dict[str, torch.Tensor], edges:
                   **INCOMPATIBLE)
     ints = isinstance(spec, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec)
     if not ints or not 1 <= len(spec) <= MAX_TRAINABLE_TOKENS:
-        raise bad(f"trainable_token_indices must list 1 to {MAX_TRAINABLE_TOKENS} token ids, got {_brief(spec)}")
+        raise bad(f"trainable_token_indices must list 1 to {MAX_TRAINABLE_TOKENS} token ids, got {brief(spec, 120)}")
     out = [i for i in spec if not 0 <= i < g.vocab]
     if out or len(set(spec)) != len(spec):
         what = f"ids outside [0, {g.vocab})" if out else "repeated ids"
-        raise bad(f"trainable_token_indices has {what}: {_brief(out or spec)}")
+        raise bad(f"trainable_token_indices has {what}: {brief(out or spec, 120)}")
     keys = [k for k in tensors if (m := _TOKENS_KEY.match(k)) and m.group("module") == embed]
     if len(keys) != 1:
         raise invalid(adapter_id, f"trainable_token_indices is set, but the weights file has no "
@@ -129,8 +129,3 @@ def _check_rows(adapter_id: str, key: str, t: torch.Tensor, g: ModelGeometry, n:
         raise invalid(adapter_id, f"tensor '{key}' has shape {list(t.shape)}, expected [{n}, {g.hidden}]",
                       **INCOMPATIBLE)
     check_entries(adapter_id, key, t, MAX_ROW_ENTRY, f"tensor '{key}'")
-
-
-def _brief(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -56,13 +56,15 @@ def model_geometry(model: PreTrainedModel, embed: torch.nn.Module, head: torch.n
                    kv: tuple[int, int, int]) -> ModelGeometry:
     """What prompt and prefix tuning, and LoRA on the embedding and the head, must fit."""
     names = {id(m): name for name, m in model.named_modules()}
+    tied = head.weight is embed.weight
     with torch.no_grad():
-        norms = [m.weight.float().norm(dim=1).cpu() for m in (embed, head)]
+        embed_norms = embed.weight.float().norm(dim=1).cpu()  # [vocab]
+        head_norms = embed_norms if tied else head.weight.float().norm(dim=1).cpu()
     plain = type(embed) is torch.nn.Embedding and type(head) is torch.nn.Linear and head.bias is None  # no scaling
     return ModelGeometry(embed.weight.shape[1], *kv, vocab=embed.weight.shape[0],
                          embed_name=names.get(id(embed), "") if plain else "",
-                         head_name=names.get(id(head), "") if plain else "", embed_norms=norms[0], head_norms=norms[1],
-                         tied=head.weight is embed.weight)
+                         head_name=names.get(id(head), "") if plain else "", embed_norms=embed_norms,
+                         head_norms=head_norms, tied=tied)
 
 
 class ModelRunner:
