@@ -54,9 +54,8 @@ def virtual_files(model, name: str, kind: str, seed: int) -> tuple[bytes, bytes]
     return adapter_files(peft, name)
 
 
-def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[str], list[str | tuple]]:
-    """PEFT files of every adapter; the plain set's names; the mixed set's targets (a name, or the names of
-    a composition's two adapters)."""
+def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[str], list[str | tuple | dict]]:
+    """PEFT files of every adapter; the plain set's names; the mixed set's targets (see `as_target`)."""
     plain = {f"plain{i:02d}_r{r}": dict(r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR)
              for i, r in zip(range(n), RANKS, strict=False)}
     mixed = {f"{kind_of(i)}{i:02d}_r{r}": dict(r=r, lora_alpha=2 * r, use_dora=kind_of(i) == "dora",
@@ -67,7 +66,7 @@ def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[st
     files = {name: adapter_files(peft, name, save_embedding_layers=False) for name in plain | mixed}
     del peft
     loras = [name for name in mixed if name.startswith("lora")]
-    targets: list[str | tuple] = []
+    targets: list[str | tuple | dict] = []
     for i, r in zip(range(n), RANKS, strict=False):
         kind = kind_of(i)
         if kind == "composed":
@@ -80,18 +79,18 @@ def adapter_sets(model, n: int) -> tuple[dict[str, tuple[bytes, bytes]], list[st
         elif i in BESIDE:
             name = f"{BESIDE[i]}{i:02d}"
             files[name] = virtual_files(model, name, BESIDE[i], seed=SEED + i)
-            targets.append((f"{kind}{i:02d}_r{r}", name))
+            targets.append({"weights": f"{kind}{i:02d}_r{r}", "virtual": name})
         else:
             targets.append(f"{kind}{i:02d}_r{r}")
     return files, list(plain), targets
 
 
-def as_target(t: str | tuple, by_name: dict):
-    """A name; (LoRA name, virtual tokens' adapter name); or the two names of a composition."""
+def as_target(t: str | tuple | dict, by_name: dict):
+    """A name; the two names of a composition; or {"weights": LoRA name, "virtual": its virtual tokens' adapter}."""
     if isinstance(t, str):
         return by_name[t]
-    if t[1][:6] in ("prefix", "prompt"):
-        return WithVirtual(by_name[t[0]], by_name[t[1]])
+    if isinstance(t, dict):
+        return WithVirtual(by_name[t["weights"]], by_name[t["virtual"]])
     return tuple(WeightedAdapter(by_name[n], w) for n, w in zip(t, COMPOSED_WEIGHTS, strict=True))
 
 
