@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from adapter_format_helpers import Saved, save_peft, target_shapes, tiny_llama
@@ -54,6 +55,19 @@ def virtual_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
     base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     return save_prompt_learning(base, PROMPT_LEARNING, tmp_path_factory.mktemp("virtual"))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's `server` fixture (a ThreadServer)."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base_name(client) -> str:
+    """The served name of the module's server's base model."""
+    return client.get("/v1/models").json()["data"][0]["id"]
 
 
 # adapter format tests: a tiny Llama's projection shapes and one PEFT-saved adapter (per module)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,3 +74,14 @@ async def collect_together(engine: Engine, reqs: list[GenerationRequest]) -> lis
     gate.set()
     await held
     return await asyncio.gather(*tasks)
+
+
+def assert_equals_reference(work: list[tuple[object, list[int]]], results: list[Result],
+                            reference: Callable[[object, list[int]], tuple[list[int], list[float]]]) -> None:
+    """Each (label, prompt) request's greedy tokens equal reference(label, prompt)'s, and its logprobs are within
+    1e-4 of the reference's."""
+    for (what, prompt), res in zip(work, results, strict=True):
+        tokens, logprobs = reference(what, prompt)
+        assert res.token_ids[0] == tokens, f"{what}: {res.token_ids[0]} != PEFT's {tokens}"
+        for got, want in zip(res.logprobs[0], logprobs, strict=True):
+            assert math.isclose(got.logprob, want, abs_tol=1e-4), what

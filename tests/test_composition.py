@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch
-from engine_harness import build_engine, collect_together
+from engine_harness import assert_equals_reference, build_engine, collect_together
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -90,11 +90,7 @@ def test_compositions_equal_peft_in_a_mixed_batch(engine, peft):
     work = workload()
 
     results = asyncio.run(collect_together(eng, [make_request(p, records, w) for w, p in work]))
-    for (what, prompt), res in zip(work, results, strict=True):
-        tokens, logprobs = peft_greedy(peft, what, prompt)
-        assert res.token_ids[0] == tokens, f"{what}: {res.token_ids[0]} != PEFT's {tokens}"
-        for got, want in zip(res.logprobs[0], logprobs, strict=True):
-            assert math.isclose(got.logprob, want, abs_tol=1e-4), what
+    assert_equals_reference(work, results, lambda what, prompt: peft_greedy(peft, what, prompt))
     stats = eng.stats()
     assert stats.running == 0 and eng.runner.slots.stats.used <= len(records)
     if stats.mode == "auto":  # a1 was merged, and the compositions (one holds a1) ran beside it

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import uuid
 
 import pytest
 import safetensors.torch
 import torch
-from engine_harness import build_engine, collect_together
+from engine_harness import assert_equals_reference, build_engine, collect_together
 from peft import PeftModel
 from test_composition import MAX_TOKENS
 from test_composition import peft_greedy as greedy_of
@@ -92,11 +91,7 @@ def test_edge_lora_equals_peft_in_a_mixed_batch(engine, peft):
     whats = [*EDGE_SPECS, "a1", None, *MIXES] * 2 + ["a1"] * 14 + ["head_r8"] * 4  # auto merges a1 (16 of 38)
     work = [(what, [300 + 37 * i + 11 * k for k in range(6 + i % 5)]) for i, what in enumerate(whats)]
     results = asyncio.run(collect_together(eng, [make_request(p, records, w) for w, p in work]))
-    for (what, prompt), res in zip(work, results, strict=True):
-        tokens, logprobs = peft_greedy(peft, what, prompt)
-        assert res.token_ids[0] == tokens, f"{what}: {res.token_ids[0]} != PEFT's {tokens}"
-        for got, want in zip(res.logprobs[0], logprobs, strict=True):
-            assert math.isclose(got.logprob, want, abs_tol=1e-4), what
+    assert_equals_reference(work, results, lambda what, prompt: peft_greedy(peft, what, prompt))
     if eng.stats().mode == "auto":  # the edge rows ran beside the merged a1
         assert eng.stats().step_seconds.get("hybrid", 0) > 0, eng.stats().step_seconds
     slots = eng.runner.slots

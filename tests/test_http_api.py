@@ -7,7 +7,6 @@ import json
 import socket
 import time
 
-import httpx
 import openai
 import pytest
 import safetensors.torch
@@ -25,17 +24,6 @@ def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
                              max_n=4, max_stop=2)
     with thread_server(settings) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def base_name(client) -> str:
-    return client.get("/v1/models").json()["data"][0]["id"]
 
 
 def test_health_ready_metrics(client):

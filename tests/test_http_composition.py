@@ -33,17 +33,6 @@ def server(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def base_name(client) -> str:
-    return client.get("/v1/models").json()["data"][0]["id"]
-
-
 def tokens(body: dict) -> str:
     return body["choices"][0]["text"]
 

@@ -10,12 +10,11 @@ chunked (16 tokens per step), so virtual tokens and prompts split across steps.
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 
 import pytest
 import torch
-from engine_harness import build_engine, collect_together
+from engine_harness import assert_equals_reference, build_engine, collect_together
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -93,11 +92,7 @@ def test_virtual_tokens_equal_peft_in_a_mixed_batch(engine, references):
     eng, records = engine
     work = workload()
     results = asyncio.run(collect_together(eng, [make_request(p, records, row) for row, p in work]))
-    for (row, prompt), res in zip(work, results, strict=True):
-        tokens, logprobs = greedy(references[row], prompt)
-        assert res.token_ids[0] == tokens, f"{row}: {res.token_ids[0]} != PEFT's {tokens}"
-        for got, want in zip(res.logprobs[0], logprobs, strict=True):
-            assert math.isclose(got.logprob, want, abs_tol=1e-4), row
+    assert_equals_reference(work, results, lambda row, prompt: greedy(references[row], prompt))
     stats = eng.stats()
     assert stats.running == 0 and stats.kv_tokens_used == 0
     if stats.mode == "auto":
