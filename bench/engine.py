@@ -82,18 +82,21 @@ from server.threads import engine_threads, single_threaded
 
 
 def build_engine(model, tokenizer, peft, names: list[str], root: Path, threads: int | None = None,
-                 max_batch_size: int = 64, max_tokens_per_step: int = 512) -> tuple[Engine, list[AdapterRecord]]:
+                 max_batch_size: int = 64, max_tokens_per_step: int = 512,
+                 compile: bool = True) -> tuple[Engine, list[AdapterRecord]]:
     files = {name: adapter_files(peft, name) for name in names}
-    return build_engine_from_files(model, tokenizer, files, root, threads, max_batch_size, max_tokens_per_step)
+    return build_engine_from_files(model, tokenizer, files, root, threads, max_batch_size, max_tokens_per_step,
+                                   compile)
 
 
 def build_engine_from_files(model, tokenizer, files: dict[str, tuple[bytes, bytes]], root: Path,
                             threads: int | None = None, max_batch_size: int = 64,
-                            max_tokens_per_step: int = 512) -> tuple[Engine, list[AdapterRecord]]:
-    """The engine (batched, 16 slots, rank <= 64) over a store holding `files` (name -> PEFT config, weights)."""
+                            max_tokens_per_step: int = 512, compile: bool = True) -> tuple[Engine, list[AdapterRecord]]:
+    """The engine (batched, 16 slots, rank <= 64) over a store holding `files` (name -> PEFT config, weights);
+    `compile`: the compiled step, as the server runs by default (its graphs are built here)."""
     config = EngineConfig(mode="batched", max_batch_size=max_batch_size, max_model_len=256,
                           max_tokens_per_step=max_tokens_per_step, max_waiting=1024, threads=threads)
-    core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64)
+    core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64, compile=compile)
     records = [core.store.put(SHARED, name, *pair)[0] for name, pair in files.items()]
     core.engine.start()
     return core.engine, records
@@ -198,7 +201,7 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     order = [w for w in WORKLOADS if w in wanted]
     with tempfile.TemporaryDirectory() as tmp:
         engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp), args.threads,
-                                       args.max_batch_size, args.max_tokens_per_step)
+                                       args.max_batch_size, args.max_tokens_per_step, args.compile)
         try:
             log(f"[{dtype}] warm-up")
             warm_up(engine, records, prompts)
@@ -312,6 +315,8 @@ def main() -> None:
                     "(default: every core)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-tokens-per-step", type=int, default=512)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="the compiled step (the server's default); --no-compile: eager")
     ap.add_argument("--kinds", action="store_true", help="W1 over adapters of mixed kinds (LoRA, DoRA, IA3, "
                     "compositions) against W1 over plain LoRA (bench/engine_kinds.py)")
     ap.add_argument("--json", dest="json_path")
@@ -331,7 +336,8 @@ def run_benchmark(args, sizes: Sizes, bench: Callable[..., tuple[dict, dict]],
     single_threaded()  # as in the server: only the engine thread runs torch on every core
     torch.manual_seed(SEED)
     results: dict = {"model": "SmolLM2-135M-Instruct", "threads": engine_threads(args.threads),
-                     "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters}
+                     "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters,
+                     "compile": args.compile}
     tables: dict[str, dict] = {}
     for dtype in args.dtypes:
         out, tables[dtype] = bench(dtype, args, sizes)

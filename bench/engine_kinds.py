@@ -117,7 +117,7 @@ def bench_kinds(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     table: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         engine, records = build_engine_from_files(loaded.model, loaded.tokenizer, files, Path(tmp), args.threads,
-                                                  args.max_batch_size, args.max_tokens_per_step)
+                                                  args.max_batch_size, args.max_tokens_per_step, args.compile)
         by_name = {r.id: r for r in records}
         sets = {"plain": [by_name[n] for n in plain], "mixed": [as_target(t, by_name) for t in targets]}
         try:

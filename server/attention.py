@@ -9,7 +9,6 @@ steps. Decode tokens attend in one batched call per block order, over the blocks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
-from server.step_context import ForwardContext
+from server.step_context import running
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,24 @@ def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], d
                     decode=tuple(groups), prefills=tuple((s, e, b.start * unit, p) for s, e, b, p in prefills))
 
 
-def packed_attention(context: ForwardContext, module, query, key, value, attention_mask, scaling=None,
-                     dropout=0.0, **kwargs):
-    """transformers attention interface (bound to a model's ForwardContext, which holds the step's AttnMeta).
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: the step's AttnMeta is in the step context of the model running on
+    this thread (`step_context.running`).
 
-    query: [1, H, N, D]; key/value: [1, Hkv, N, D]. Returns ([1, N, H, D], None).
+    query: [1, H, N, D]; key/value: [1, Hkv, N, D]. Returns ([1, N, H, D], None). Under torch.compile the
+    attention is the opaque `loramux::attention` op (server/compiled.py), which runs `attend`.
     """
-    meta: AttnMeta = context.current.attn
-    layer = module.layer_idx
+    if torch.compiler.is_compiling():
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = torch.ops.loramux.attention(query, key, value, module.layer_idx, scale)
+    else:
+        out = attend(running().context.current.attn, module.layer_idx, query, key, value, scaling)
+    return out.unsqueeze(0), None
+
+
+def attend(meta: AttnMeta, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           scaling: float | None) -> torch.Tensor:
+    """Write the step's keys and values into the arena, then attend: [N, H, D] (query: [1, H, N, D])."""
     kc, vc = meta.cache.k[layer], meta.cache.v[layer]  # [Hkv, T_arena, D]
     kc[:, meta.slots] = key[0]
     vc[:, meta.slots] = value[0]
@@ -97,7 +106,7 @@ def packed_attention(context: ForwardContext, module, query, key, value, attenti
             mask = qpos[:, None] >= torch.arange(length, device=q.device)[None, :]  # [n, length]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out[start:end] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _decode(cache: KVCache, layer: int, g: DecodeGroup, query: torch.Tensor, out: torch.Tensor, scaling) -> None:
@@ -132,9 +141,11 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def register(context: ForwardContext) -> str:
-    """Register the packed attention of one model (reading `context`) with transformers; returns its name."""
-    name = f"loramux_{id(context):x}"
-    AttentionInterface.register(name, partial(packed_attention, context))
-    AttentionMaskInterface.register(name, _no_mask)
-    return name
+ATTENTION = "loramux"
+
+
+def register() -> str:
+    """Register the packed attention with transformers (the same for every model); returns its name."""
+    AttentionInterface.register(ATTENTION, packed_attention)
+    AttentionMaskInterface.register(ATTENTION, _no_mask)
+    return ATTENTION

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,13 +11,16 @@ from transformers import PreTrainedModel
 
 from adapters_store.prompt import ModelGeometry
 from server.attention import build_attn_meta, register
+from server.compiled import compile_backbone, warm_up
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
-from server.lora.plan import plan_lora
+from server.lora.plan import NO_ADAPTER, plan_lora
 from server.lora.runtime import LoraRuntime
 from server.lora.slots import SlotTable
-from server.step_context import ForwardContext, StepContext
+from server.step_context import ForwardContext, Running, StepContext, in_progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,10 +72,13 @@ def model_geometry(model: PreTrainedModel, embed: torch.nn.Module, head: torch.n
 
 
 class ModelRunner:
-    """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use)."""
+    """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use).
+
+    `compile`: the backbone runs under torch.compile (server/compiled.py); call `warm_up` before serving."""
 
     def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_model_len: int,
-                 kv_tokens: int, on_slot_load: Callable[[float], None] | None = None, prepack: bool = False):
+                 kv_tokens: int, on_slot_load: Callable[[float], None] | None = None, prepack: bool = False,
+                 compile: bool = False):
         self.model = model
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
@@ -81,13 +88,42 @@ class ModelRunner:
         self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack)  # probes the model: before attention
         self.head_gemm = PackedLinear(self.head) if prepack and prepack_supported(self.head.weight) else self.head
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
-        model.set_attn_implementation(register(self.context))
+        self.running = Running(self.context, self.lora.projections)
+        model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
         self.cache = KVCache(layers, kv_tokens, kv_heads, head_dim, self.max_model_len, self.dtype, self.device)
         self.vocab_size = self.head.weight.shape[0]
         self.embed = model.get_input_embeddings()
         self.geometry = model_geometry(model, self.embed, self.head, (layers, kv_heads, head_dim))
+        self.compiled = compile_backbone(self._backbone) if compile else None
+
+    def _backbone(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[1, N, d] input embeddings, [1, N] positions -> [1, N, d] final hidden states."""
+        return self.backbone(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Build the compiled step's graphs (a single token, and several) before the first request: returns the
+        seconds it took. A model that fails to compile runs eagerly from then on (a warning says why)."""
+        if self.compiled is None:
+            return 0.0
+        block = Block(0, 0)
+        one = StepInput([0], [block], [0], [NO_ADAPTER], decode=[0], logits_idx=[0])
+        two = StepInput([0, 0], [block] * 2, [0, 1], [NO_ADAPTER] * 2, prefills=[(0, 2, block, 0)], logits_idx=[1])
+        calls = self.running.opaque_calls
+        try:
+            seconds = warm_up([lambda: self.forward(one), lambda: self.forward(two)])
+            if self.running.opaque_calls == calls:  # torch.compile gave up and ran the frame eagerly
+                raise RuntimeError("torch.compile ran the backbone eagerly (see TORCH_LOGS=graph_breaks)")
+        except Exception as e:  # inductor fails in many ways: the eager step is the fallback
+            log.warning("torch.compile failed (%s: %s); the model runs eagerly", type(e).__name__, str(e)[:300])
+            self.compiled = None
+            return 0.0
+        finally:
+            self.cache.clear(block, 2)
+        log.info("compiled the step in %.1f s", seconds)
+        return seconds
 
     def step_context(self, step: StepInput) -> StepContext:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
@@ -100,21 +136,19 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the step; returns float32 logits [len(step.logits_idx), V]."""
-        with self.context.bind(self.step_context(step)) as ctx:
+        with self.context.bind(self.step_context(step)) as ctx, in_progress(self.running):
             ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
             edges = self.lora.edges
             slots = torch.tensor(step.token_slots, dtype=torch.long, device=self.device) if edges.active else None
-            inputs = {"input_ids": ids}
-            if step.embeds or edges.embed:
-                x = self.embed(ids)  # [1, N, hidden]
-                for start, end, rows in step.embeds:
-                    x[0, start:end] = rows.to(x.device, x.dtype)
-                if edges.embed:
-                    edges.add_embedding(x[0], ids[0], slots, step.weighted)
-                inputs = {"inputs_embeds": x}
-            out = self.backbone(**inputs, position_ids=ctx.attn.positions[None], use_cache=False)
+            x = self.embed(ids)  # [1, N, hidden]
+            for start, end, rows in step.embeds:
+                x[0, start:end] = rows.to(x.device, x.dtype)
+            if edges.embed:
+                edges.add_embedding(x[0], ids[0], slots, step.weighted)
+            backbone = self.compiled or self._backbone
+            out = backbone(x, ctx.attn.positions[None])  # [1, N, d]
             idx = torch.tensor(step.logits_idx, dtype=torch.long, device=self.device)
-            hidden = out.last_hidden_state[0].index_select(0, idx)  # [n_out, d]
+            hidden = out[0].index_select(0, idx)  # [n_out, d]
             logits = self.head_gemm(hidden)  # [n_out, V]
             if edges.head:
                 edges.add_head(logits, hidden, slots[idx], step.weighted, idx)

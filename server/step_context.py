@@ -10,7 +10,8 @@ can take them as inputs, with the token count padded to a bucket.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -57,3 +58,37 @@ class ForwardContext:
             yield ctx
         finally:
             self.current = None
+
+
+@dataclass
+class Running:
+    """A model whose forward may be in progress on a thread: its forward context and its LoRA projections by
+    index. The packed attention and the compiled graph's opaque ops (server/compiled.py) find them here, so
+    that models of one architecture share one attention implementation and one graph."""
+
+    context: ForwardContext
+    projections: Sequence[Any]  # LoraProjection by its index
+    opaque_calls: int = 0  # projections run as the compiled graph's opaque op (0: never compiled)
+
+
+class _Thread(threading.local):
+    running: Running | None = None
+
+
+_THREAD = _Thread()
+
+
+def running() -> Running:
+    """The model whose forward is in progress on this thread."""
+    if _THREAD.running is None:
+        raise RuntimeError("no loramux forward in progress on this thread")
+    return _THREAD.running
+
+
+@contextmanager
+def in_progress(model: Running) -> Iterator[Running]:
+    saved, _THREAD.running = _THREAD.running, model
+    try:
+        yield model
+    finally:
+        _THREAD.running = saved

@@ -18,14 +18,24 @@ from server.model_loader import load_base_model
 from server.sampling import SamplingParams
 from server.services import Core, build_core
 
+MODES = ["batched", "auto", "merged", "auto-compiled"]  # engine modes of the PEFT-oracle tests, and auto compiled
+
+
+def mode_options(mode: str) -> dict:
+    """build_engine's keywords for one of MODES."""
+    name, _, compiled = mode.partition("-")
+    return {"mode": name, "compile": bool(compiled)}
+
 
 def build_stack(model_dir: Path, adapter_dirs: dict[str, Path], root: Path, *, max_loras: int = 8,
-                max_host: int = 32, **config) -> tuple[Core, dict[str, AdapterRecord]]:
-    """The serving stack over the tiny model (started), with each adapter stored in the shared namespace."""
+                max_host: int = 32, compile: bool = False, **config) -> tuple[Core, dict[str, AdapterRecord]]:
+    """The serving stack over the tiny model (started), with each adapter stored in the shared namespace;
+    `compile`: the compiled step (asserted to be compiled, not fallen back to eager)."""
     loaded = load_base_model(str(model_dir), cache_dir=root / "cache", device="cpu", dtype="float32")
     cfg = EngineConfig(**({"threads": 1} | config))  # tiny models: one thread (see server/threads.py)
     core = build_core(loaded.model, loaded.tokenizer, root / "store", cfg, max_loras=max_loras, max_rank=16,
-                      max_cpu_loras=max_host)
+                      max_cpu_loras=max_host, compile=compile)
+    assert (core.runner.compiled is not None) == compile
     records = {name: core.store.put(SHARED, name, *read_adapter_dir(d))[0] for name, d in adapter_dirs.items()}
     core.engine.start()
     return core, records

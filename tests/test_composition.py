@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch
-from engine_harness import assert_equals_reference, build_engine, collect_together
+from engine_harness import MODES, assert_equals_reference, build_engine, collect_together, mode_options
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -76,11 +76,11 @@ def workload() -> list[tuple[str | None, list[int]]]:
     return [(what, [300 + 37 * i + 11 * k for k in range(6 + i % 5)]) for i, what in enumerate(whats)]
 
 
-@pytest.fixture(scope="module", params=["batched", "auto", "merged"])
+@pytest.fixture(scope="module", params=MODES)
 def engine(request, tiny_model_dir, tiny_adapter_dirs, tmp_path_factory):
     eng, records = build_engine(tiny_model_dir, tiny_adapter_dirs, tmp_path_factory.mktemp("store"),
-                                mode=request.param, max_batch_size=20, max_model_len=128, max_tokens_per_step=256,
-                                merge_share=0.6)
+                                **mode_options(request.param), max_batch_size=20, max_model_len=128,
+                                max_tokens_per_step=256, merge_share=0.6)
     yield eng, records
     eng.shutdown(drain_timeout=5)
 

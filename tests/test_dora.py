@@ -29,10 +29,11 @@ from server.lora.plan import plan_lora
 from server.model_runner import ModelRunner
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)],
-                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked"])
+@pytest.fixture(scope="module", params=[("llama", False, False), ("gpt2", False, False), ("llama", True, False),
+                                        ("gpt2", True, False), ("llama", True, True), ("gpt2", True, True)],
+                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked", "llama-compiled", "gpt2-compiled"])
 def setup(request, tmp_path_factory):
-    arch, prepack = request.param
+    arch, prepack, compiled = request.param
     if arch == "llama":
         base, specs = tiny_llama(), {**DORA_LLAMA, "attn_r4": LLAMA_ADAPTERS["attn_r4"],
                                      "all_r16": LLAMA_ADAPTERS["all_r16"]}
@@ -45,7 +46,9 @@ def setup(request, tmp_path_factory):
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(f"dora-{arch}"))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
-                         prepack=prepack)
+                         prepack=prepack, compile=compiled)
+    runner.warm_up()
+    assert (runner.compiled is not None) == compiled
     return runner, aset, pin_adapters(runner, aset.dirs)
 
 

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import safetensors.torch
 import torch
-from engine_harness import assert_equals_reference, build_engine, collect_together
+from engine_harness import MODES, assert_equals_reference, build_engine, collect_together, mode_options
 from peft import PeftModel
 from test_composition import MAX_TOKENS
 from test_composition import peft_greedy as greedy_of
@@ -69,10 +69,10 @@ def peft_greedy(refs: dict, what: str | None, prompt: list[int]) -> tuple[list[i
     return greedy_of(model, adapter, prompt)
 
 
-@pytest.fixture(scope="module", params=["batched", "auto", "merged"])
+@pytest.fixture(scope="module", params=MODES)
 def engine(request, tiny_model_dir, tiny_adapter_dirs, edge_dirs, tmp_path_factory):
     eng, records = build_engine(tiny_model_dir, edge_dirs | {"a1": tiny_adapter_dirs["a1"]},
-                                tmp_path_factory.mktemp("store"), mode=request.param, max_batch_size=24,
+                                tmp_path_factory.mktemp("store"), **mode_options(request.param), max_batch_size=24,
                                 max_model_len=64, max_tokens_per_step=32, merge_share=0.4)
     yield eng, records
     eng.shutdown(drain_timeout=5)

@@ -43,10 +43,11 @@ def save_ia3(base, specs: dict[str, dict], root) -> dict[str, PeftModel]:
     return out
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("gpt2", False), ("gpt2", True)],
-                ids=["llama", "gpt2", "gpt2-prepacked"])
+@pytest.fixture(scope="module", params=[("llama", False, False), ("gpt2", False, False), ("gpt2", True, False),
+                                        ("llama", True, True)],
+                ids=["llama", "gpt2", "gpt2-prepacked", "llama-compiled"])
 def setup(request, tmp_path_factory):
-    arch, prepack = request.param
+    arch, prepack, compiled = request.param
     root = tmp_path_factory.mktemp(f"ia3-{arch}")
     if arch == "llama":
         base, lora, ia3 = tiny_llama(), {k: LLAMA_ADAPTERS[k] for k in ("attn_r4", "all_r16")}, IA3_LLAMA
@@ -59,7 +60,9 @@ def setup(request, tmp_path_factory):
     aset = make_adapters(copy.deepcopy(base), lora, root / "lora")
     ia3_models = save_ia3(base, ia3, root)
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
-                         prepack=prepack)
+                         prepack=prepack, compile=compiled)
+    runner.warm_up()
+    assert (runner.compiled is not None) == compiled
     slots = pin_adapters(runner, aset.dirs | {name: d for name, (d, _) in ia3_models.items()})
     refs = {name: (lambda ids, m=m: _logits(m, ids)) for name, (_, m) in ia3_models.items()}
     refs |= {name: (lambda ids, n=name: peft_logits(aset.peft, n, ids)) for name in [*lora, None]}

@@ -29,15 +29,20 @@ def block(row: int) -> Block:
     return Block(row << ORDER, ORDER)
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True)],
-                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked"])
+@pytest.fixture(scope="module", params=[("llama", False, False), ("gpt2", False, False), ("llama", True, False),
+                                        ("gpt2", True, False), ("llama", True, True), ("gpt2", True, True)],
+                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked", "llama-compiled", "gpt2-compiled"])
 def setup(request, tmp_path_factory):
-    arch, prepack = request.param
+    arch, prepack, compiled = request.param
     base, specs = (tiny_llama(), LLAMA_ADAPTERS) if arch == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(arch))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
-                         prepack=prepack)
-    return runner, aset, pin_adapters(runner, aset.dirs)
+                         prepack=prepack, compile=compiled)
+    runner.warm_up()
+    assert (runner.compiled is not None) == compiled  # compiled, not fallen back to eager
+    calls = runner.running.opaque_calls
+    yield runner, aset, pin_adapters(runner, aset.dirs)
+    assert (runner.running.opaque_calls > calls) == compiled  # the tests' steps ran the compiled graph
 
 
 def prefill_step(seqs: list[tuple[int, list[int], int]]) -> StepInput:

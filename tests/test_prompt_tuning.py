@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch
-from engine_harness import assert_equals_reference, build_engine, collect_together
+from engine_harness import MODES, assert_equals_reference, build_engine, collect_together, mode_options
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -72,11 +72,11 @@ def make_request(prompt: list[int], records: dict, row: str) -> GenerationReques
                              mix=mix, virtual=None if virtual is None else records[virtual])
 
 
-@pytest.fixture(scope="module", params=["batched", "auto", "merged"])
+@pytest.fixture(scope="module", params=MODES)
 def engine(request, tiny_model_dir, tiny_adapter_dirs, virtual_dirs, tmp_path_factory):
     eng, records = build_engine(tiny_model_dir, tiny_adapter_dirs | virtual_dirs, tmp_path_factory.mktemp("store"),
-                                mode=request.param, max_batch_size=24, max_model_len=64, max_tokens_per_step=16,
-                                merge_share=0.4)
+                                **mode_options(request.param), max_batch_size=24, max_model_len=64,
+                                max_tokens_per_step=16, merge_share=0.4)
     yield eng, records
     eng.shutdown(drain_timeout=5)
 

@@ -129,19 +129,30 @@ class ProjectionGroup:
 
 
 class LoraProjection(nn.Module):
-    """A base projection (through `packed`, its oneDNN-reordered GEMM, when given) plus its group's side paths."""
+    """A base projection (through `packed`, its oneDNN-reordered GEMM, when given) plus its group's side paths.
 
-    def __init__(self, base: nn.Module, group: ProjectionGroup, member: int, packed: PackedLinear | None = None):
+    `index`: its place among the runtime's projections; under torch.compile the projection is the opaque op
+    `loramux::projection(x, index)` (server/compiled.py), which runs `project`."""
+
+    def __init__(self, base: nn.Module, group: ProjectionGroup, member: int, index: int,
+                 packed: PackedLinear | None = None):
         super().__init__()
         self.base = base
         self.group = group
         self.member = member
+        self.index = index
         self.packed = packed
+        self.d_out = group.shapes[member].d_out
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x) if self.packed is None else self.packed(x)
         return self.group.apply(self.member, x, y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.loramux.projection(x, self.index)
+        return self.project(x)

@@ -59,6 +59,7 @@ class LoraRuntime:
         self.shapes = {name: projection_shape(m) for name, m in self.modules.items()}  # what adapters may target
         self.groups: list[ProjectionGroup] = []
         self.packed: dict[str, PackedLinear] = {}
+        self.projections: list[LoraProjection] = []  # by LoraProjection.index
         for names in shared_input_groups(model, self.modules):
             if len({self.shapes[n].d_in for n in names}) > 1:  # cannot happen for one input tensor
                 raise ValueError(f"projections {names} read one input but differ in d_in")
@@ -69,7 +70,8 @@ class LoraRuntime:
             for member, name in enumerate(names):
                 base = self.modules[name]
                 packed = PackedLinear(base) if prepack and prepack_supported(base.weight) else None
-                _replace(model, name, LoraProjection(base, group, member, packed))
+                self.projections.append(LoraProjection(base, group, member, len(self.projections), packed))
+                _replace(model, name, self.projections[-1])
                 if packed is not None:
                     self.packed[name] = packed
         vocab = model.get_input_embeddings().weight.shape[0]
