@@ -10,42 +10,35 @@ dimension is dynamic; a single token is its own graph), so a step never waits fo
 are built at start-up (`ModelRunner.warm_up`). Numerics are the eager model's up to reduction order.
 
 The ops find the model in progress through `step_context.running()`: an op's arguments are only tensors, a
-projection's index and a layer's, so models of one architecture share their graphs.
+projection's index and output size, a layer's index, so models of one architecture and size share their graphs.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from server.attention import attend
 from server.step_context import running
 
-if TYPE_CHECKING:
-    from server.lora.layers import LoraProjection
-
-
 MAX_GRAPHS = 256  # of the compiled frame, all models of the process together
 
 
-def _projection(index: int) -> LoraProjection:
-    return running().projections[index]
-
-
 @torch.library.custom_op("loramux::projection", mutates_args=())
-def projection(x: torch.Tensor, index: int) -> torch.Tensor:
-    """x: [..., d_in] -> [..., d_out]: projection `index` of the running model, side paths included."""
+def projection(x: torch.Tensor, index: int, d_out: int) -> torch.Tensor:
+    """x: [..., d_in] -> [..., d_out]: projection `index` of the running model, side paths included. `d_out` is
+    an argument so that the graph holds (and dynamo guards) each projection's output size: models of one
+    architecture but other sizes must not share a graph."""
     model = running()
     model.opaque_calls += 1
     return model.projections[index].project(x)
 
 
 @projection.register_fake
-def _(x: torch.Tensor, index: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _projection(index).d_out)
+def _(x: torch.Tensor, index: int, d_out: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], d_out)
 
 
 @torch.library.custom_op("loramux::attention", mutates_args=())
@@ -63,11 +56,18 @@ def _(query, key, value, layer, scaling):
 def compile_backbone(eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
     """`eager(embeds [1, N, d], positions [1, N]) -> hidden [1, N, d]` under torch.compile, N dynamic.
 
-    Each model configuration adds two graphs to the one frame all models share; dynamo runs a frame eagerly
-    once it holds `recompile_limit` graphs (8), so the limit is raised for processes holding many models
-    (tests, benchmarks)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, MAX_GRAPHS)
-    return torch.compile(eager, dynamic=True)
+    Graphs are keyed by the model's configuration and by the calling thread's torch thread count (dynamo
+    guards it): build them on a thread with the engine's count. Dynamo runs a frame eagerly once it holds
+    `recompile_limit` graphs (8, a per-thread setting), so each calling thread raises it for processes
+    that hold many models (tests, benchmarks); a server's one model needs two."""
+    compiled = torch.compile(eager, dynamic=True)
+
+    def run(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if torch._dynamo.config.recompile_limit < MAX_GRAPHS:
+            torch._dynamo.config.recompile_limit = MAX_GRAPHS
+        return compiled(embeds, positions)
+
+    return run
 
 
 def warm_up(steps: list[Callable[[], object]]) -> float:

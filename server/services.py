@@ -30,6 +30,7 @@ from server.model_runner import ModelRunner
 from server.residency import Residency, ResidencyInfo
 from server.settings import Settings
 from server.tenancy import TenantPolicy, TenantQuota
+from server.threads import on_fresh_thread
 
 
 @dataclass
@@ -56,7 +57,8 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_model_len=config.max_model_len,
                          kv_tokens=config.kv_cache_tokens, on_slot_load=metrics.load_observer("device"),
                          prepack=prepack, compile=compile)
-    metrics.compile_seconds.set(runner.warm_up())
+    if compile:  # the graphs are built at the engine's thread count (dynamo guards it)
+        metrics.compile_seconds.set(on_fresh_thread(runner.warm_up, config.threads))
     parse = adapter_parser(runner.lora.shapes, limits, runner.geometry)
     store = StoreReader(adapters_dir, parse) if reader else AdapterStore(adapters_dir, parse)
     host = HostCache(store, max_idle=max_cpu_loras, on_load=metrics.load_observer("host"))

@@ -56,12 +56,17 @@ def single_threaded_executor(name: str, workers: int | None = None) -> ThreadPoo
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=single_threaded)
 
 
-async def in_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
-    """Run fn with all cores (or `threads`) in a new thread that ends afterwards, releasing its team."""
+def on_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
+    """Run fn with all cores (or `threads`) in a new thread that ends afterwards, and wait for it."""
 
     def run() -> T:
         use_threads(engine_threads(threads))
         return fn()
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-startup") as pool:
-        return await asyncio.get_running_loop().run_in_executor(pool, run)
+        return pool.submit(run).result()
+
+
+async def in_fresh_thread(fn: Callable[[], T], threads: int | None = None) -> T:
+    """Run fn with all cores (or `threads`) in a new thread that ends afterwards, releasing its team."""
+    return await asyncio.to_thread(on_fresh_thread, fn, threads)

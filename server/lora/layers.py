@@ -132,7 +132,7 @@ class LoraProjection(nn.Module):
     """A base projection (through `packed`, its oneDNN-reordered GEMM, when given) plus its group's side paths.
 
     `index`: its place among the runtime's projections; under torch.compile the projection is the opaque op
-    `loramux::projection(x, index)` (server/compiled.py), which runs `project`."""
+    `loramux::projection(x, index, d_out)` (server/compiled.py), which runs `project`."""
 
     def __init__(self, base: nn.Module, group: ProjectionGroup, member: int, index: int,
                  packed: PackedLinear | None = None):
@@ -154,5 +154,5 @@ class LoraProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return torch.ops.loramux.projection(x, self.index)
+            return torch.ops.loramux.projection(x, self.index, self.d_out)
         return self.project(x)
