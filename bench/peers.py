@@ -37,6 +37,7 @@ import httpx
 import torch
 from common import DTYPES, adapter_files, emit, load_default, make_peft
 from hf_peers import run_static
+from peft import PeftModel
 from server_process import launch_server
 from workloads import SEED, Req, chat_prompts, log
 
@@ -210,12 +211,17 @@ def build_workers(stack: contextlib.ExitStack, dtype: str, args, work: Path, loa
     return workers
 
 
-def bench_dtype(dtype: str, args) -> dict:
-    loaded = load_default(dtype)
+def peer_adapters(model) -> tuple[list[str], dict[str, dict], PeftModel]:
+    """The 16 adapters of this benchmark: names, PEFT LoRA specs (RANKS over TARGETS), one PeftModel with all."""
     names = [f"lora{i}" for i in range(len(RANKS))]
     specs = {n: dict(r=r, lora_alpha=2 * r, target_modules=TARGETS[i % len(TARGETS)])
              for i, (n, r) in enumerate(zip(names, RANKS, strict=True))}
-    peft = make_peft(loaded.model, specs, seed=SEED)
+    return names, specs, make_peft(model, specs, seed=SEED)
+
+
+def bench_dtype(dtype: str, args) -> dict:
+    loaded = load_default(dtype)
+    names, _, peft = peer_adapters(loaded.model)
     rng = random.Random(SEED)
     reqs = [Req(p, i % len(names)) for i, p in enumerate(chat_prompts(loaded.tokenizer, args.requests, rng))]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack, torch.inference_mode():

@@ -18,8 +18,8 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import emit, load_default, make_peft, parsed, rotated_times
-from peers import RANKS, SEED, TARGETS
+from common import emit, load_default, parsed, rotated_times
+from peers import peer_adapters
 
 from adapters_store.identity import AdapterIdentity
 from adapters_store.store import SHARED
@@ -75,10 +75,7 @@ def side_path_bytes(runner: ModelRunner, specs: dict[str, dict]) -> int:
 
 def bench_dtype(dtype: str, args) -> dict:
     loaded = load_default(dtype)
-    names = [f"lora{i}" for i in range(len(RANKS))]
-    specs = {n: dict(r=r, lora_alpha=2 * r, target_modules=TARGETS[i % len(TARGETS)])
-             for i, (n, r) in enumerate(zip(names, RANKS, strict=True))}
-    peft = make_peft(loaded.model, specs, seed=SEED)
+    names, specs, peft = peer_adapters(loaded.model)
     runner = ModelRunner(loaded.model, max_loras=16, max_rank=64, max_model_len=256, kv_tokens=ROWS * 256,
                          prepack=True, compile=True)
     compile_s = runner.warm_up()
