@@ -70,22 +70,22 @@ def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], d
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: the step's AttnMeta is in the step context of the model running on
-    this thread (`step_context.running`).
+    """transformers attention interface: the step's AttnMeta is in the forward context bound on this thread
+    (`step_context.running`).
 
     query: [1, H, N, D]; key/value: [1, Hkv, N, D]. Returns ([1, N, H, D], None). Under torch.compile the
     attention is the opaque `loramux::attention` op (server/compiled.py), which runs `attend`.
     """
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if torch.compiler.is_compiling():
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = torch.ops.loramux.attention(query, key, value, module.layer_idx, scale)
     else:
-        out = attend(running().context.current.attn, module.layer_idx, query, key, value, scaling)
+        out = attend(running().current.attn, module.layer_idx, query, key, value, scale)
     return out.unsqueeze(0), None
 
 
 def attend(meta: AttnMeta, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           scaling: float | None) -> torch.Tensor:
+           scaling: float) -> torch.Tensor:
     """Write the step's keys and values into the arena, then attend: [N, H, D] (query: [1, H, N, D])."""
     kc, vc = meta.cache.k[layer], meta.cache.v[layer]  # [Hkv, T_arena, D]
     kc[:, meta.slots] = key[0]
@@ -109,7 +109,8 @@ def attend(meta: AttnMeta, layer: int, query: torch.Tensor, key: torch.Tensor, v
     return out
 
 
-def _decode(cache: KVCache, layer: int, g: DecodeGroup, query: torch.Tensor, out: torch.Tensor, scaling) -> None:
+def _decode(cache: KVCache, layer: int, g: DecodeGroup, query: torch.Tensor, out: torch.Tensor,
+            scaling: float) -> None:
     """One query token per row of `g`'s blocks: out[g.idx] = attention over each block's first g.length keys.
 
     Per KV head, two batched matmuls and a softmax in fp32 over the blocks' keys and values in place, in the
@@ -125,14 +126,13 @@ def _decode(cache: KVCache, layer: int, g: DecodeGroup, query: torch.Tensor, out
     qd[g.rows] = q
     kr, vr = cache.rows(layer, g.order)  # [rows, Hkv, block_tokens, D] views
     hidden = ~g.mask.view(g.span, 1, g.length)  # [span, 1, T]
-    scale = dim**-0.5 if scaling is None else scaling
     o = qd.new_empty(g.span, heads, dim)
     for h in range(kv_heads):
         k = kr[g.lo : g.lo + g.span, h, : g.length]  # [span, T, D], strided in place
         v = vr[g.lo : g.lo + g.span, h, : g.length]
         heads_h = slice(h * group, (h + 1) * group)
         scores = torch.bmm(qd[:, heads_h], k.transpose(1, 2)).float()  # [span, G, T]
-        scores.mul_(scale).masked_fill_(hidden, float("-inf"))
+        scores.mul_(scaling).masked_fill_(hidden, float("-inf"))
         o[:, heads_h] = torch.bmm(scores.softmax(-1).to(v.dtype), v)  # [span, G, D]
     out[g.idx] = o[g.rows].to(out.dtype)
 

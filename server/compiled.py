@@ -15,7 +15,6 @@ projection's index and output size, a layer's index, so models of one architectu
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,9 +30,9 @@ def projection(x: torch.Tensor, index: int, d_out: int) -> torch.Tensor:
     """x: [..., d_in] -> [..., d_out]: projection `index` of the running model, side paths included. `d_out` is
     an argument so that the graph holds (and dynamo guards) each projection's output size: models of one
     architecture but other sizes must not share a graph."""
-    model = running()
-    model.opaque_calls += 1
-    return model.projections[index].project(x)
+    context = running()
+    context.opaque_calls += 1
+    return context.projections[index].project(x)
 
 
 @projection.register_fake
@@ -45,7 +44,7 @@ def _(x: torch.Tensor, index: int, d_out: int) -> torch.Tensor:
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
               scaling: float) -> torch.Tensor:
     """query: [1, H, N, D]; key/value: [1, Hkv, N, D] -> [N, H, D] (writes the keys and values into the arena)."""
-    return attend(running().context.current.attn, layer, query, key, value, scaling)
+    return attend(running().current.attn, layer, query, key, value, scaling)
 
 
 @attention.register_fake
@@ -68,11 +67,3 @@ def compile_backbone(eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return compiled(embeds, positions)
 
     return run
-
-
-def warm_up(steps: list[Callable[[], object]]) -> float:
-    """Run each step once (each builds one graph); returns the seconds it took."""
-    start = time.perf_counter()
-    for step in steps:
-        step()
-    return time.perf_counter() - start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,14 +12,14 @@ from transformers import PreTrainedModel
 
 from adapters_store.prompt import ModelGeometry
 from server.attention import build_attn_meta, register
-from server.compiled import compile_backbone, warm_up
+from server.compiled import compile_backbone
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
 from server.lora.plan import NO_ADAPTER, plan_lora
 from server.lora.runtime import LoraRuntime
 from server.lora.slots import SlotTable
-from server.step_context import ForwardContext, Running, StepContext, in_progress
+from server.step_context import ForwardContext, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class ModelRunner:
         self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack)  # probes the model: before attention
         self.head_gemm = PackedLinear(self.head) if prepack and prepack_supported(self.head.weight) else self.head
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
-        self.running = Running(self.context, self.lora.projections)
         model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
@@ -111,10 +111,13 @@ class ModelRunner:
         block = Block(0, 0)
         one = StepInput([0], [block], [0], [NO_ADAPTER], decode=[0], logits_idx=[0])
         two = StepInput([0, 0], [block] * 2, [0, 1], [NO_ADAPTER] * 2, prefills=[(0, 2, block, 0)], logits_idx=[1])
-        calls = self.running.opaque_calls
+        calls = self.context.opaque_calls
         try:
-            seconds = warm_up([lambda: self.forward(one), lambda: self.forward(two)])
-            if self.running.opaque_calls == calls:  # torch.compile gave up and ran the frame eagerly
+            start = time.perf_counter()
+            self.forward(one)  # each builds one graph
+            self.forward(two)
+            seconds = time.perf_counter() - start
+            if self.context.opaque_calls == calls:  # torch.compile gave up and ran the frame eagerly
                 raise RuntimeError("torch.compile ran the backbone eagerly (see TORCH_LOGS=graph_breaks)")
         except Exception as e:  # inductor fails in many ways: the eager step is the fallback
             log.warning("torch.compile failed (%s: %s); the model runs eagerly", type(e).__name__, str(e)[:300])
@@ -136,7 +139,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run the step; returns float32 logits [len(step.logits_idx), V]."""
-        with self.context.bind(self.step_context(step)) as ctx, in_progress(self.running):
+        with self.context.bind(self.step_context(step)) as ctx:
             ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)[None]  # [1, N]
             edges = self.lora.edges
             slots = torch.tensor(step.token_slots, dtype=torch.long, device=self.device) if edges.active else None

@@ -4,8 +4,8 @@ The model runner builds a ``StepContext`` (attention metadata and the LoRA plan)
 model's ``ForwardContext`` for the duration of the forward; the packed attention and the LoRA projections
 of that model both read it from there, the same way. Nothing of a step outlives it.
 
-Every tensor field has a fixed meaning and shape (see ``AttnMeta`` and ``LoraPlan``): a compiled forward
-can take them as inputs, with the token count padded to a bucket.
+Under ``--compile`` the step context stays outside the graph: the opaque ops that read it find the bound
+``ForwardContext`` through ``running()`` (server/compiled.py).
 """
 
 from __future__ import annotations
@@ -46,49 +46,38 @@ class StepContext:
 
 
 class ForwardContext:
-    """The step context of the forward in progress on one model (None between forwards)."""
+    """The step context of the forward in progress on one model (None between forwards), and the model's LoRA
+    projections by index.
+
+    While bound, it is also this thread's `running()` context: the packed attention and the compiled graph's
+    opaque ops (server/compiled.py) find it there rather than holding it, so that models of one architecture
+    share one attention implementation and one graph."""
 
     def __init__(self) -> None:
         self.current: StepContext | None = None
+        self.projections: Sequence[Any] = ()  # LoraProjection by its index (the LoRA runtime's)
+        self.opaque_calls = 0  # projections run as the compiled graph's opaque op (0: never compiled)
 
     @contextmanager
     def bind(self, ctx: StepContext) -> Iterator[StepContext]:
+        saved, _THREAD.running = _THREAD.running, self
         self.current = ctx
         try:
             yield ctx
         finally:
             self.current = None
-
-
-@dataclass
-class Running:
-    """A model whose forward may be in progress on a thread: its forward context and its LoRA projections by
-    index. The packed attention and the compiled graph's opaque ops (server/compiled.py) find them here, so
-    that models of one architecture share one attention implementation and one graph."""
-
-    context: ForwardContext
-    projections: Sequence[Any]  # LoraProjection by its index
-    opaque_calls: int = 0  # projections run as the compiled graph's opaque op (0: never compiled)
+            _THREAD.running = saved
 
 
 class _Thread(threading.local):
-    running: Running | None = None
+    running: ForwardContext | None = None
 
 
 _THREAD = _Thread()
 
 
-def running() -> Running:
-    """The model whose forward is in progress on this thread."""
+def running() -> ForwardContext:
+    """The forward context bound on this thread (the model whose forward is in progress)."""
     if _THREAD.running is None:
         raise RuntimeError("no loramux forward in progress on this thread")
     return _THREAD.running
-
-
-@contextmanager
-def in_progress(model: Running) -> Iterator[Running]:
-    saved, _THREAD.running = _THREAD.running, model
-    try:
-        yield model
-    finally:
-        _THREAD.running = saved

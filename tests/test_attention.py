@@ -10,7 +10,7 @@ import torch
 from server.attention import build_attn_meta, packed_attention
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
-from server.step_context import ForwardContext, Running, StepContext, in_progress
+from server.step_context import ForwardContext, StepContext
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: the output's own rounding
@@ -42,7 +42,7 @@ class Packed:
         chunks = [(s, e, Block(r * 4, 2), p) for s, e, r, p in prefills]
         meta = build_attn_meta(self.cache, blocks, positions, decode, chunks, torch.device("cpu"))
         context = ForwardContext()
-        with context.bind(StepContext(attn=meta, lora=None)), in_progress(Running(context, [])):
+        with context.bind(StepContext(attn=meta, lora=None)):
             out = packed_attention(SimpleNamespace(layer_idx=0), q, k, v, None, scaling=DIM**-0.5)[0]
         for t, (row, pos) in enumerate(zip(rows, positions, strict=True)):
             ks, vs = self.history.get(row, (k.new_empty(0, KV_HEADS, DIM), v.new_empty(0, KV_HEADS, DIM)))

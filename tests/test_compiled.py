@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import LLAMA_ADAPTERS, make_adapters, pin_adapters
+from tiny_models import LLAMA_ADAPTERS, make_adapters, pin_adapters, warm_up_checked
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import server.model_runner as model_runner
@@ -52,13 +52,13 @@ def test_models_of_one_architecture_and_other_sizes_each_get_their_graph(tmp_pat
         base = llama(hidden, intermediate, seed=i)
         aset = make_adapters(copy.deepcopy(base), SPECS, tmp_path / f"m{i}")
         eager, compiled = runner_of(base, False), runner_of(base, True)
-        assert compiled.warm_up() >= 0 and compiled.compiled is not None
+        warm_up_checked(compiled, True)
         slots = [pin_adapters(r, aset.dirs) for r in (eager, compiled)]
         assert slots[0] == slots[1]
         step = mixed_step([-1, *slots[0].values()])
-        calls = compiled.running.opaque_calls
+        calls = compiled.context.opaque_calls
         want, got = eager.forward(step), compiled.forward(step)
-        assert compiled.running.opaque_calls > calls  # the compiled graph ran
+        assert compiled.context.opaque_calls > calls  # the compiled graph ran
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

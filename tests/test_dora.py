@@ -18,20 +18,21 @@ from tiny_models import (
     DORA_LLAMA,
     GPT2_ADAPTERS,
     LLAMA_ADAPTERS,
+    RUNNER_IDS,
+    RUNNER_VARIANTS,
     make_adapters,
     peft_logits,
     pin_adapters,
     tiny_gpt2,
     tiny_llama,
+    warm_up_checked,
 )
 
 from server.lora.plan import plan_lora
 from server.model_runner import ModelRunner
 
 
-@pytest.fixture(scope="module", params=[("llama", False, False), ("gpt2", False, False), ("llama", True, False),
-                                        ("gpt2", True, False), ("llama", True, True), ("gpt2", True, True)],
-                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked", "llama-compiled", "gpt2-compiled"])
+@pytest.fixture(scope="module", params=RUNNER_VARIANTS, ids=RUNNER_IDS)
 def setup(request, tmp_path_factory):
     arch, prepack, compiled = request.param
     if arch == "llama":
@@ -47,8 +48,7 @@ def setup(request, tmp_path_factory):
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(f"dora-{arch}"))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
                          prepack=prepack, compile=compiled)
-    runner.warm_up()
-    assert (runner.compiled is not None) == compiled
+    warm_up_checked(runner, compiled)
     return runner, aset, pin_adapters(runner, aset.dirs)
 
 

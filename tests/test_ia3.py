@@ -13,7 +13,16 @@ import torch
 from adapter_format_helpers import reject, target_shapes
 from peft import IA3Config, PeftModel, get_peft_model
 from test_lora_peft import TOL, prefill_step, rand_ids
-from tiny_models import GPT2_ADAPTERS, LLAMA_ADAPTERS, make_adapters, peft_logits, pin_adapters, tiny_gpt2, tiny_llama
+from tiny_models import (
+    GPT2_ADAPTERS,
+    LLAMA_ADAPTERS,
+    make_adapters,
+    peft_logits,
+    pin_adapters,
+    tiny_gpt2,
+    tiny_llama,
+    warm_up_checked,
+)
 
 from adapters_store.format import read_adapter_dir
 from server.model_runner import ModelRunner
@@ -61,8 +70,7 @@ def setup(request, tmp_path_factory):
     ia3_models = save_ia3(base, ia3, root)
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
                          prepack=prepack, compile=compiled)
-    runner.warm_up()
-    assert (runner.compiled is not None) == compiled
+    warm_up_checked(runner, compiled)
     slots = pin_adapters(runner, aset.dirs | {name: d for name, (d, _) in ia3_models.items()})
     refs = {name: (lambda ids, m=m: _logits(m, ids)) for name, (_, m) in ia3_models.items()}
     refs |= {name: (lambda ids, n=name: peft_logits(aset.peft, n, ids)) for name in [*lora, None]}

@@ -10,11 +10,14 @@ import torch
 from tiny_models import (
     GPT2_ADAPTERS,
     LLAMA_ADAPTERS,
+    RUNNER_IDS,
+    RUNNER_VARIANTS,
     make_adapters,
     peft_logits,
     pin_adapters,
     tiny_gpt2,
     tiny_llama,
+    warm_up_checked,
 )
 
 from server.kv_blocks import Block
@@ -29,20 +32,17 @@ def block(row: int) -> Block:
     return Block(row << ORDER, ORDER)
 
 
-@pytest.fixture(scope="module", params=[("llama", False, False), ("gpt2", False, False), ("llama", True, False),
-                                        ("gpt2", True, False), ("llama", True, True), ("gpt2", True, True)],
-                ids=["llama", "gpt2", "llama-prepacked", "gpt2-prepacked", "llama-compiled", "gpt2-compiled"])
+@pytest.fixture(scope="module", params=RUNNER_VARIANTS, ids=RUNNER_IDS)
 def setup(request, tmp_path_factory):
     arch, prepack, compiled = request.param
     base, specs = (tiny_llama(), LLAMA_ADAPTERS) if arch == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(arch))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
                          prepack=prepack, compile=compiled)
-    runner.warm_up()
-    assert (runner.compiled is not None) == compiled  # compiled, not fallen back to eager
-    calls = runner.running.opaque_calls
+    warm_up_checked(runner, compiled)
+    calls = runner.context.opaque_calls
     yield runner, aset, pin_adapters(runner, aset.dirs)
-    assert (runner.running.opaque_calls > calls) == compiled  # the tests' steps ran the compiled graph
+    assert (runner.context.opaque_calls > calls) == compiled  # the tests' steps ran the compiled graph
 
 
 def prefill_step(seqs: list[tuple[int, list[int], int]]) -> StepInput:

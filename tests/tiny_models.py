@@ -131,6 +131,18 @@ def load_parsed(name: str, path: Path, target_shapes, max_rank: int = 64) -> Lor
     return parse_adapter(name, config, weights, target_shapes, ValidationLimits(max_rank=max_rank))
 
 
+# (architecture, prepack, compile) of the runner-level PEFT-oracle tests, and their ids
+RUNNER_VARIANTS = [("llama", False, False), ("gpt2", False, False), ("llama", True, False), ("gpt2", True, False),
+                   ("llama", True, True), ("gpt2", True, True)]
+RUNNER_IDS = ["llama", "gpt2", "llama-prepacked", "gpt2-prepacked", "llama-compiled", "gpt2-compiled"]
+
+
+def warm_up_checked(runner, compiled: bool) -> None:
+    """Build the compiled step's graphs; the runner is compiled exactly when asked (not fallen back to eager)."""
+    runner.warm_up()
+    assert (runner.compiled is not None) == compiled
+
+
 def pin_adapters(runner, dirs: dict[str, Path]) -> dict[str, int]:
     """Parse each PEFT directory and pin it into a slot of the runner's slot table; name -> slot."""
     slots = {}

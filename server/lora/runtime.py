@@ -74,6 +74,7 @@ class LoraRuntime:
                 _replace(model, name, self.projections[-1])
                 if packed is not None:
                     self.packed[name] = packed
+        context.projections = self.projections  # what the compiled graph's opaque op runs, by index
         vocab = model.get_input_embeddings().weight.shape[0]
         self.edges = EdgeSlots(self.device, self.dtype, param.dtype, vocab)  # adapters of the embedding and head
         self.merged = MergedWeights(self.groups, self.modules, self.shapes, self.packed)
