@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import tempfile
@@ -136,21 +137,65 @@ def loads() -> dict[str, float]:
     return {tier: sum(r.counters[f"loads_{tier}"] for r in reports) for tier in ("device", "host")}
 
 
-def run_config(name: str, base: ClusterSettings, jobs, warm, args) -> dict:
-    settings = prepare(base.model_copy(update=CONFIGS[name]))
+RAY_SIDE = {"proxy": "ProxyActor", "ingress": "LoramuxIngress", "state": "ClusterState",
+            "controller": "ServeController"}
+ROLES = (*RAY_SIDE, "client")
+
+
+def side_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the processes beside the engine replicas (Ray's, from Linux /proc, and this
+    client's), by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(RAY_SIDE, 0.0)
+    out["client"] = sum(os.times()[:2])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        for role, marker in RAY_SIDE.items():
+            if cmdline.startswith("ray::") and marker in cmdline:
+                out[role] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def run_config(name: str, interval: int, base: ClusterSettings, jobs, warm, args) -> dict:
+    settings = prepare(base.model_copy(update=CONFIGS[name] | {"stream_interval": interval}))
     deploy(settings)
     url = f"http://127.0.0.1:{settings.port}"
     try:
         asyncio.run(closed_loop(url, warm, args.new_tokens, args.concurrency))
-        before = loads()
+        before, cpu_before = loads(), side_cpu_seconds()
         result = asyncio.run(closed_loop(url, jobs, args.new_tokens, args.concurrency))
-        after = loads()
+        after, cpu_after = loads(), side_cpu_seconds()
         for tier in after:
             result[f"{tier}_loads_per_100"] = 100 * (after[tier] - before[tier]) / len(jobs)
+        tokens = result["tok_s"] * result["wall_s"]
+        for role in ROLES:
+            result[f"{role}_cpu_ms_per_token"] = 1000 * (cpu_after[role] - cpu_before[role]) / tokens
     finally:
         shutdown()
-    log(f"{name}: {result}")
+    log(f"{name}, stream interval {interval}: {result}")
     return result
+
+
+def ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """Medians per configuration, and the goals' ratios between the configurations that ran."""
+    out: dict[str, float] = {}
+    for name, rs in runs.items():
+        for key in ("tok_s", "device_loads_per_100", "host_loads_per_100", "ttft_p99_s",
+                    *(f"{role}_cpu_ms_per_token" for role in ROLES)):
+            out[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
+    if "affinity" in runs and "random" in runs:
+        out["affinity_vs_random_tok_s"] = out["affinity_tok_s"] / out["random_tok_s"]
+        for tier in ("device", "host"):
+            out[f"affinity_vs_random_{tier}_loads"] = (out[f"affinity_{tier}_loads_per_100"]
+                                                       / max(out[f"random_{tier}_loads_per_100"], 1e-9))
+        out["affinity_vs_random_ttft_p99"] = out["affinity_ttft_p99_s"] / out["random_ttft_p99_s"]
+    if "affinity" in runs and "single" in runs:
+        out["two_vs_one_replica_tok_s"] = out["affinity_tok_s"] / out["single_tok_s"]
+    return out
 
 
 def main() -> None:
@@ -165,6 +210,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--reps", type=int, default=3)
+    default_interval = ClusterSettings.model_fields["stream_interval"].default
+    parser.add_argument("--stream-intervals", type=int, nargs="+", default=[default_interval],
+                        help="tokens per streamed chunk (default: the cluster's); several are run in rotation, "
+                        "the first giving the headline ratios and each other one its own (suffix _si<N>)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -190,23 +240,20 @@ def main() -> None:
                            max_model_len=256, kv_cache_tokens=8192, replica_cpus=1, ray_cpus=2,
                            max_concurrent_per_tenant=4096, log_level="warning")
     start_ray(base)
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    runs: dict[tuple[str, int], list[dict]] = {}
     for rep in range(args.reps):
-        for name in CONFIGS:
-            log(f"rep {rep + 1}/{args.reps}")
-            runs[name].append(run_config(name, base, jobs, warm, args))
+        for interval in args.stream_intervals:
+            for name in args.configs:
+                log(f"rep {rep + 1}/{args.reps}")
+                runs.setdefault((name, interval), []).append(run_config(name, interval, base, jobs, warm, args))
     results: dict[str, float | int | str] = {"dtype": args.dtype, "adapters": args.adapters, "slots": args.slots,
                                              "host_copies": base.max_cpu_loras, "requests": args.requests,
-                                             "zipf": args.zipf, "reps": args.reps, "cores_per_replica": 1}
-    for name, rs in runs.items():
-        for key in ("tok_s", "device_loads_per_100", "host_loads_per_100", "ttft_p99_s"):
-            results[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
-    results["affinity_vs_random_tok_s"] = results["affinity_tok_s"] / results["random_tok_s"]
-    for tier in ("device", "host"):
-        results[f"affinity_vs_random_{tier}_loads"] = (results[f"affinity_{tier}_loads_per_100"]
-                                                       / max(results[f"random_{tier}_loads_per_100"], 1e-9))
-    results["affinity_vs_random_ttft_p99"] = results["affinity_ttft_p99_s"] / results["random_ttft_p99_s"]
-    results["two_vs_one_replica_tok_s"] = results["affinity_tok_s"] / results["single_tok_s"]
+                                             "zipf": args.zipf, "reps": args.reps, "cores_per_replica": 1,
+                                             "stream_interval": args.stream_intervals[0]}
+    for interval in args.stream_intervals:
+        suffix = "" if interval == args.stream_intervals[0] else f"_si{interval}"
+        results |= {f"{k}{suffix}": v for k, v in ratios({name: rs for (name, i), rs in runs.items()
+                                                           if i == interval}).items()}
     results |= cache_floor(args)
     results["sim_floor_vs_random_loads"] = (results["sim_split_belady_misses_per_100"]
                                             / results["sim_random_lru_misses_per_100"])

@@ -35,7 +35,7 @@ from server.engine_types import (
 from server.errors import EngineStopped, GenerationFailed
 from server.metrics import Metrics
 from server.model_runner import ModelRunner
-from server.output import OutputProcessor
+from server.output import UNSTREAMED_INTERVAL, OutputProcessor
 from server.sampling import make_generator
 from server.scheduler import Scheduler, SchedulerConfig
 from server.sequence import MixPart, RequestStream, Sequence
@@ -61,6 +61,7 @@ class EngineConfig:
     queue_timeout: float | None = 120.0  # seconds a sequence may wait for admission before a 503
     threads: int | None = None  # CPU intra-op threads of the engine thread (None: every core)
     max_adapters_per_request: int = 4  # adapters one composed request may name
+    stream_interval: int = 1  # tokens per streamed chunk of a sample (its first and last go out at once)
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.mode, self.max_batch_size, self.max_waiting, self.merge_share,
@@ -138,7 +139,8 @@ class Engine:
         try:
             for record in records:  # disk -> host off the engine thread, held until the request ends
                 hosts.append(await loop.run_in_executor(self._io, self.host.lease, record, n))
-            stream = RequestStream(req, loop)
+            interval = self.config.stream_interval if req.streamed else UNSTREAMED_INTERVAL
+            stream = RequestStream(req, loop, interval)
             self.scheduler.submit([self._new_sequence(req, i, stream, hosts) for i in range(n)])
         except BaseException:
             for host in hosts:

@@ -35,6 +35,7 @@ class GenerationRequest:
     mix: tuple[WeightedAdapter, ...] = ()
     # a prompt or prefix tuning adapter: its virtual tokens precede the prompt (alone, or beside `adapter` or `mix`)
     virtual: AdapterRecord | None = None
+    streamed: bool = True  # False: the caller wants the whole response, outputs may come in large chunks
 
 
 @dataclass(frozen=True)

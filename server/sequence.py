@@ -14,21 +14,27 @@ from adapters_store.prompt import VirtualTokens
 from server.detokenize import IncrementalDetokenizer, StopStringMatcher
 from server.engine_types import FinishReason, GenerationRequest, SeqOutput
 from server.kv_blocks import Block
+from server.output import Coalescer
 
 
 class RequestStream:
-    """Carries a request's SeqOutputs from the engine thread to the caller's event loop."""
+    """Carries a request's SeqOutputs from the engine thread to the caller's event loop, in chunks of
+    `interval` tokens per sample (see `Coalescer`)."""
 
-    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop, interval: int = 1):
         self.req = req
         self.loop = loop
         self.queue: asyncio.Queue[SeqOutput | None] = asyncio.Queue()
         self.open_samples = req.params.n
+        self._chunks = Coalescer(interval)
 
     def put(self, out: SeqOutput) -> None:
-        """Thread-safe; closes the stream after the last sample's last output."""
+        """Engine thread only; closes the stream after the last sample's last output."""
         if out.finish_reason is not None:
             self.open_samples -= 1
+        out = self._chunks.push(out)
+        if out is None:
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
             if self.open_samples == 0:

@@ -133,7 +133,8 @@ def engine_config(settings: Settings) -> EngineConfig:
                         max_waiting=settings.max_waiting, merge_share=settings.merge_share,
                         unmerge_share=settings.unmerge_share, max_turn_s=settings.max_turn_s,
                         queue_timeout=settings.queue_timeout, threads=settings.threads,
-                        max_adapters_per_request=settings.max_adapters_per_request)
+                        max_adapters_per_request=settings.max_adapters_per_request,
+                        stream_interval=settings.stream_interval)
 
 
 def tenant_policy(settings: Settings, keys: KeyTable | None) -> TenantPolicy:

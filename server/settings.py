@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     merge_share: float = Field(0.75, gt=0, le=1, description="auto: merge an adapter holding this share of rows")
     unmerge_share: float = Field(0.5, gt=0, le=1, description="auto: keep it merged while it holds this share")
     threads: int | None = Field(None, ge=1, description="CPU threads of the engine (default: every core)")
+    stream_interval: int = Field(1, ge=1, le=64, description="tokens per streamed chunk of a sample (its first "
+                                 "token and its end go out at once); more cuts the per-chunk cost of streaming")
     max_turn_s: float = Field(2.0, gt=0, description="merged: longest wait an adapter's turn may impose")
     max_waiting: int = Field(256, ge=1, description="queued sequences before requests get 503")
     queue_timeout: float = Field(120.0, gt=0, description="seconds a request may wait for admission before a 503")

@@ -68,13 +68,13 @@ class Job:
 class GenerationRun:
     """The engine requests of one HTTP request and their interleaved outputs."""
 
-    def __init__(self, engine: Engine, job: Job, tenant: str | None):
+    def __init__(self, engine: Engine, job: Job, tenant: str | None, streamed: bool = True):
         prefix = uuid.uuid4().hex
         self.engine = engine
         self.n = job.params.n
         self.requests = [
             GenerationRequest(request_id=f"{prefix}-{i}", prompt_ids=p, params=job.params, adapter=job.adapter,
-                              tenant=tenant, mix=job.mix, virtual=job.virtual)
+                              tenant=tenant, mix=job.mix, virtual=job.virtual, streamed=streamed)
             for i, p in enumerate(job.prompts)
         ]
         self.prompt_tokens = sum(len(p) for p in job.prompts)
@@ -180,7 +180,7 @@ async def serve_generation(request: Request, services: Services, tenant: str | N
     release = _Once(lambda: tenants.release(tenant))
     try:
         job = await prepare()
-        run = GenerationRun(services.engine, job, tenant)
+        run = GenerationRun(services.engine, job, tenant, streamed=stream)
         run.validate()
         _check_sequences(job, tenants.quota(tenant).max_waiting)
     except BaseException:
