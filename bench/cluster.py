@@ -7,11 +7,13 @@ pass of half as many requests drawn alike (so residency is in its steady state, 
   affinity  2 replicas, --slots device slots each, the adapter-affinity router (the default)
   random    the same 2 replicas with Ray's default router, blind to adapters (--routing random)
   single    1 replica
+  unguarded affinity without its load guard (--balance-abs beyond any load): holders always first
 Each replica runs one engine thread on its own core (--replica-cpus 1), so the 2-replica configurations use
 2 cores and `single` one. Each replica's host cache keeps --host-copies idle adapters (default: as many as its
 slots, the case of far more adapters than memory), so a miss reads the store. Per run: output tokens/s at the
-client (completion tokens / first send to last chunk), adapter loads per 100 requests into device slots and
-from the store into host memory (the replicas' counters), p99 time to first chunk.
+client (completion tokens / first send to last chunk; and steady, up to the last send, before the drain),
+adapter loads per 100 requests into device slots and from the store into host memory (the replicas'
+counters), p99 time to first chunk, CPU per output token of the processes beside the replicas.
 Configurations run in rotation (each deployed afresh per repetition), medians of --reps. Ratios printed and
 written with --json; the goals: affinity / random tok/s >= 1.3, loads <= 0.25x; affinity / single >= 1.6.
 Also the floor of the loads: slot misses of the same traffic simulated for random routing with an LRU per
@@ -44,7 +46,8 @@ from server.cluster.settings import ClusterSettings
 from server.cluster.state import STATE_ACTOR
 
 CONFIGS = {"affinity": dict(replicas=2, routing="affinity"), "random": dict(replicas=2, routing="random"),
-           "single": dict(replicas=1, routing="affinity")}
+           "single": dict(replicas=1, routing="affinity"),
+           "unguarded": dict(replicas=2, routing="affinity", balance_abs=1 << 30)}
 PORT = 8765
 
 
@@ -86,7 +89,9 @@ def belady_misses(stream: list[int], capacity: int) -> int:
 
 def cache_floor(args, n: int = 200_000) -> dict[str, float]:
     """Slot misses per 100 requests on the benchmark's traffic, simulated: 2 replicas with random routing and
-    an LRU each; adapters split between them (balanced by traffic) with an LRU each, and with Belady's."""
+    an LRU each; adapters split between them (balanced by traffic) with an LRU each, and with Belady's; and
+    Belady's over all 2 x slots as one cache, which no routing of the 2 replicas beats (their slots together
+    hold at most that many adapters, and a request whose adapter is in neither misses)."""
     rng = random.Random(SEED + 1)
     stream = zipf_choices(args.adapters, n, args.zipf, rng)
     halves: list[list[int]] = [[], []]
@@ -95,40 +100,55 @@ def cache_floor(args, n: int = 200_000) -> dict[str, float]:
     split = [[x for x in stream if (x % 4 in (0, 3)) == (r == 0)] for r in (0, 1)]
     return {"sim_random_lru_misses_per_100": 100 * sum(lru_misses(h, args.slots) for h in halves) / n,
             "sim_split_lru_misses_per_100": 100 * sum(lru_misses(h, args.slots) for h in split) / n,
-            "sim_split_belady_misses_per_100": 100 * sum(belady_misses(h, args.slots) for h in split) / n}
+            "sim_split_belady_misses_per_100": 100 * sum(belady_misses(h, args.slots) for h in split) / n,
+            "sim_union_belady_misses_per_100": 100 * belady_misses(stream, 2 * args.slots) / n}
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
-    """(seconds to the first chunk, completion tokens) of one streamed request."""
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: list[int], new_tokens: int
+                     ) -> tuple[float, float, float, int]:
+    """(send, first chunk, last chunk) times and the completion tokens of one streamed request."""
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, last, tokens = None, start, 0
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     async for now, chunk in sse_chunks(client, body, model):
-        if first is None:
-            first = now - start
+        first = now if first is None else first
+        last = now
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-    return first or 0.0, tokens
+    return start, first or last, last, tokens
+
+
+def tokens_by(t: float, first: float, last: float, n: int) -> float:
+    """Tokens of a request received by time `t`, its first at `first` and the rest evenly up to `last`."""
+    if t < first or n == 0:
+        return 0.0
+    return 1 + (n - 1) * min(1.0, (t - first) / max(last - first, 1e-9))
 
 
 async def closed_loop(url: str, jobs: list[tuple[str, list[int]]], new_tokens: int, concurrency: int) -> dict:
+    """tok_s over the whole run; steady_tok_s up to the moment the last request is sent (every client busy
+    until then, so the drain at the end, whose length depends on which replica the last requests landed on,
+    is left out)."""
     queue = list(reversed(jobs))
-    ttfts: list[float] = []
-    tokens = 0
+    spans: list[tuple[float, float, float, int]] = []
+    drained = 0.0
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker() -> None:
-            nonlocal tokens
+            nonlocal drained
             while queue:
                 model, prompt = queue.pop()
-                ttft, n = await stream_one(client, model, prompt, new_tokens)
-                ttfts.append(ttft)
-                tokens += n
+                if not queue:
+                    drained = time.perf_counter()
+                spans.append(await stream_one(client, model, prompt, new_tokens))
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return {"tok_s": tokens / wall, "ttft_p99_s": percentile(ttfts, 0.99), "wall_s": wall}
+    tokens = sum(n for *_, n in spans)
+    steady = sum(tokens_by(drained, first, last, n) for _, first, last, n in spans)
+    return {"tok_s": tokens / wall, "steady_tok_s": steady / (drained - start), "wall_s": wall,
+            "ttft_p99_s": percentile([first - sent for sent, first, _, _ in spans], 0.99)}
 
 
 def loads() -> dict[str, float]:
@@ -184,17 +204,22 @@ def ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
     """Medians per configuration, and the goals' ratios between the configurations that ran."""
     out: dict[str, float] = {}
     for name, rs in runs.items():
-        for key in ("tok_s", "device_loads_per_100", "host_loads_per_100", "ttft_p99_s",
+        for key in ("tok_s", "steady_tok_s", "device_loads_per_100", "host_loads_per_100", "ttft_p99_s",
                     *(f"{role}_cpu_ms_per_token" for role in ROLES)):
             out[f"{name}_{key}"] = statistics.median(r[key] for r in rs)
     if "affinity" in runs and "random" in runs:
-        out["affinity_vs_random_tok_s"] = out["affinity_tok_s"] / out["random_tok_s"]
+        for key in ("tok_s", "steady_tok_s"):
+            out[f"affinity_vs_random_{key}"] = out[f"affinity_{key}"] / out[f"random_{key}"]
         for tier in ("device", "host"):
             out[f"affinity_vs_random_{tier}_loads"] = (out[f"affinity_{tier}_loads_per_100"]
                                                        / max(out[f"random_{tier}_loads_per_100"], 1e-9))
         out["affinity_vs_random_ttft_p99"] = out["affinity_ttft_p99_s"] / out["random_ttft_p99_s"]
+    if "affinity" in runs and "unguarded" in runs:
+        for key in ("tok_s", "steady_tok_s", "device_loads_per_100", "ttft_p99_s"):
+            out[f"affinity_vs_unguarded_{key}"] = out[f"affinity_{key}"] / max(out[f"unguarded_{key}"], 1e-9)
     if "affinity" in runs and "single" in runs:
-        out["two_vs_one_replica_tok_s"] = out["affinity_tok_s"] / out["single_tok_s"]
+        for key in ("tok_s", "steady_tok_s"):
+            out[f"two_vs_one_replica_{key}"] = out[f"affinity_{key}"] / out[f"single_{key}"]
     return out
 
 
@@ -203,7 +228,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--host-copies", type=int, help="idle adapters a replica keeps in host memory "
                         "(default: --slots)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -255,8 +280,9 @@ def main() -> None:
         results |= {f"{k}{suffix}": v for k, v in ratios({name: rs for (name, i), rs in runs.items()
                                                            if i == interval}).items()}
     results |= cache_floor(args)
-    results["sim_floor_vs_random_loads"] = (results["sim_split_belady_misses_per_100"]
-                                            / results["sim_random_lru_misses_per_100"])
+    for floor in ("split", "union"):
+        results[f"sim_{floor}_belady_vs_random_loads"] = (results[f"sim_{floor}_belady_misses_per_100"]
+                                                          / results["sim_random_lru_misses_per_100"])
     emit(results, args.json)
 
 

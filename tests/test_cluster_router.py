@@ -18,9 +18,9 @@ class Replica:
     multiplexed_model_ids: set[str] = field(default_factory=set)
 
 
-def router(spread_queue: int = 2) -> AdapterAffinityRouter:
+def router(spread_queue: int = 2, **balance) -> AdapterAffinityRouter:
     r = object.__new__(AdapterAffinityRouter)  # the policy's state only: Ray builds the rest
-    r.initialize_state(spread_queue=spread_queue)
+    r.initialize_state(spread_queue=spread_queue, **balance)
     return r
 
 
@@ -62,6 +62,25 @@ def test_a_hot_adapter_spreads_once_every_holder_runs_spread_queue_of_it():
     assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
     routed(r, a, "y", "q3")  # another adapter's requests do not count
     assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]
+
+
+def test_a_holder_loaded_beyond_both_balance_bounds_loses_its_priority():
+    r, a, b = router(spread_queue=100, balance_abs=2, balance_rel=1.5), Replica("a", {"x"}), Replica("b", {"z"})
+    for i in range(2):
+        routed(r, a, "w", f"w{i}")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]  # 2 beyond b's 0: not more than balance_abs
+    routed(r, a, "w", "w2")
+    assert ids(r.rank([a, b], "x")) == [["a", "b"]]  # 3 beyond: the shorter queue takes it
+    routed(r, b, "z", "z0")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]  # 3 against 1: within balance_abs again
+    r = router(spread_queue=100, balance_abs=0, balance_rel=1.5)
+    for i, replica in enumerate([a, a, a, b, b]):
+        routed(r, replica, "w", f"q{i}")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]  # 3 against 2: not more than 1.5 times
+    routed(r, a, "w", "q5")
+    assert ids(r.rank([a, b], "x")) == [["a", "b"]]  # 4 against 2
+    r.on_request_completed(a.replica_id, "q5")
+    assert ids(r.rank([a, b], "x")) == [["a"], ["b"]]  # completions count down
 
 
 def test_a_burst_counts_its_choices_before_ray_routes_any():

@@ -6,6 +6,7 @@ import logging
 
 import ray
 from ray import serve
+from ray.serve.schema import LoggingConfig
 
 from server.cluster.ingress import ingress_deployment
 from server.cluster.replica import replica_deployment
@@ -44,12 +45,20 @@ def deploy(settings: ClusterSettings, blocking: bool = False):
 
     Ray's HTTP proxy listens on --host/--port; `settings` should come from `prepare`.
     """
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    logging_config = serve_logging(settings)
+    serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logging_config)
     state = ray.remote(ClusterState).options(name=STATE_ACTOR, namespace=NAMESPACE, get_if_exists=True,
                                              num_cpus=0, max_restarts=-1).remote()
     engines = replica_deployment(settings).bind(settings.for_replica(), state)
     app = ingress_deployment(settings).bind(engines, state)
-    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
+    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking, logging_config=logging_config)
+
+
+def serve_logging(settings: ClusterSettings) -> LoggingConfig:
+    """Ray Serve's components log at --log-level; one access line per request only at info and debug (as
+    uvicorn's access log, which logs at info, in the single server)."""
+    verbose = settings.log_level in ("info", "debug")
+    return LoggingConfig(log_level=settings.log_level.upper(), enable_access_log=verbose)
 
 
 def shutdown() -> None:

@@ -167,7 +167,8 @@ def replica_deployment(settings: ClusterSettings):
     if settings.routing == "affinity":
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="server.cluster.router:AdapterAffinityRouter",
-            request_router_kwargs={"spread_queue": settings.spread_queue})
+            request_router_kwargs={"spread_queue": settings.spread_queue, "balance_abs": settings.balance_abs,
+                                   "balance_rel": settings.balance_rel})
     return serve.deployment(LoramuxEngine, name="LoramuxEngine", num_replicas=settings.replicas,
                             ray_actor_options=resources, max_ongoing_requests=settings.max_ongoing_requests,
                             health_check_period_s=settings.health_period_s, **options)

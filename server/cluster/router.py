@@ -8,7 +8,13 @@ For a request whose multiplexed model id names an adapter version:
 2. when every holder already runs ``spread_queue`` or more of that adapter's requests, the other replicas
    join the first rank, so the shortest queue overall takes it and the adapter spreads to a second replica
    (Ray's own multiplex routing keeps a hot adapter on one replica while it accepts requests);
-3. an adapter no replica holds goes to the replicas holding the fewest adapters, then to the rest.
+3. an adapter no replica holds goes to the replicas holding the fewest adapters, then to the rest;
+4. but when the least loaded holder runs more than ``balance_abs`` requests beyond the least loaded replica,
+   and more than ``balance_rel`` times as many, every replica competes on queue length (the load guard of
+   SGLang's cache-aware router): affinity saves adapter loads, and is not worth a replica left idle while
+   the hot adapters' holder queues.
+
+A replica's load here is the adapter requests this router has in flight on it.
 
 Requests without a model id (the base model, compositions) go to the shortest queue.
 
@@ -28,8 +34,11 @@ CHOSEN_S = 30.0  # a choice Ray never routed (the request went away) stops count
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, spread_queue: int = 8, memory_s: float = 2.0) -> None:
+    def initialize_state(self, spread_queue: int = 8, memory_s: float = 2.0, balance_abs: int = 4,
+                         balance_rel: float = 1.5) -> None:
         self.spread_queue = spread_queue
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
         self.memory_s = memory_s
         self._inflight: dict[ReplicaID, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._owner: dict[str, tuple[ReplicaID, str]] = {}  # internal request id -> (replica, model id)
@@ -70,9 +79,17 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [least, [r for r in others if r not in least]] if len(least) < len(others) else [least]
         if not others:
             return [holders]
-        if min(self._inflight[r.replica_id][model_id] for r in holders) >= self.spread_queue:
+        if min(self._inflight[r.replica_id][model_id] for r in holders) >= self.spread_queue or self._unbalanced(
+                holders, replicas):
             return [holders + others]
         return [holders, others]
+
+    def _load(self, replica: RunningReplica) -> int:
+        return sum(self._inflight[replica.replica_id].values())
+
+    def _unbalanced(self, holders: list[RunningReplica], replicas: list[RunningReplica]) -> bool:
+        busy, idle = min(map(self._load, holders)), min(map(self._load, replicas))
+        return busy - idle > self.balance_abs and busy > self.balance_rel * idle
 
     def _holds(self, replica: RunningReplica, model_id: str) -> bool:
         if model_id in replica.multiplexed_model_ids:

@@ -21,6 +21,9 @@ class ClusterSettings(Settings):
                                 "Ray's default router, blind to adapters (two random replicas, the shorter queue)")
     spread_queue: int = Field(8, ge=1, description="requests of one adapter in flight on each replica that holds "
                                                    "it before a replica that does not may take the next")
+    balance_abs: int = Field(4, ge=0, description="an adapter's holders lose their priority when the least "
+                             "loaded of them runs more than this many requests beyond the least loaded replica ...")
+    balance_rel: float = Field(1.5, ge=1, description="... and more than this many times as many")
     max_ongoing_requests: int = Field(256, ge=1, description="requests in flight on one replica before Ray "
                                                              "queues the next in the ingress")
     health_period_s: float = Field(10.0, gt=0, description="seconds between Ray's health checks of a replica")
