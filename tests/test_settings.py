@@ -43,6 +43,18 @@ def test_cluster_flags_extend_the_servers():
     assert (s.replicas, s.routing, s.replica_cpus, s.max_loras, s.spread_queue) == (3, "random", 2.0, 8, 8)
     assert s.threads is None and s.for_replica().threads == 2  # a replica's engine: its own CPUs, not every core
     assert ClusterSettings(threads=1, replica_cpus=4).for_replica().threads == 1
-    for bad in (["--replicas", "0"], ["--routing", "nearest"], ["--spread-queue", "0"]):
+    s = parse_settings(["--balance-abs", "0", "--balance-rel", "2"], parser, ClusterSettings)
+    defaults = ClusterSettings()
+    assert (s.balance_abs, s.balance_rel, defaults.balance_abs, defaults.balance_rel) == (0, 2, 4, 1.5)
+    for bad in (["--replicas", "0"], ["--routing", "nearest"], ["--spread-queue", "0"], ["--balance-rel", "0.5"],
+                ["--balance-abs", "-1"]):
         with pytest.raises(SystemExit):
             parse_settings(bad, build_parser(ClusterSettings), ClusterSettings)
+
+
+def test_ray_serve_logs_at_the_log_level_with_access_lines_at_info_only():
+    from server.cluster.launch import serve_logging
+
+    quiet, chatty = serve_logging(ClusterSettings(log_level="warning")), serve_logging(ClusterSettings())
+    assert (quiet.log_level, quiet.enable_access_log, chatty.log_level, chatty.enable_access_log) == (
+        "WARNING", False, "INFO", True)
