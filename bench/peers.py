@@ -158,11 +158,11 @@ def write_adapters(peft, names: list[str], root: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def loramux(dtype: str, seed_dir: Path, work: Path, flags: dict) -> Iterator[str]:
+def loramux(dtype: str, seed_dir: Path, work: Path, flags: dict, env: dict[str, str] | None = None) -> Iterator[str]:
     work.mkdir(parents=True, exist_ok=True)
     base = {"model": "default", "device": "cpu", "dtype": DTYPES[dtype], "adapters-dir": work / "store",
             "seed-adapters": seed_dir}
-    with launch_server(base | flags, work / "server.log") as srv:
+    with launch_server(base | flags, work / "server.log", env=env) as srv:
         srv.wait_ready()
         yield srv.url
 

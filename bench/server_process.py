@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -57,14 +58,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def launch_server(flags: dict[str, object], log_path: Path, admin_key: str | None = None) -> Iterator[Server]:
+def launch_server(flags: dict[str, object], log_path: Path, admin_key: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[Server]:
     """Starts `python -m server --flag value ...` on a free port (not waiting for it: call wait_ready);
-    SIGTERM, then SIGKILL, on exit. A value of True is a bare flag."""
+    SIGTERM, then SIGKILL, on exit. A value of True is a bare flag; `env` is added to this process's."""
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--port", str(port)]
     cmd += [x for k, v in flags.items() for x in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
     with log_path.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env=None if env is None else os.environ | env)
     try:
         headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         yield Server(proc, f"http://127.0.0.1:{port}", log_path, headers)
