@@ -16,6 +16,7 @@ from server.compiled import compile_backbone
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
+from server.lora import kernels
 from server.lora.plan import NO_ADAPTER, plan_lora
 from server.lora.runtime import LoraRuntime
 from server.lora.slots import SlotTable
@@ -75,11 +76,13 @@ def model_geometry(model: PreTrainedModel, embed: torch.nn.Module, head: torch.n
 class ModelRunner:
     """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use).
 
-    `compile`: the backbone runs under torch.compile (server/compiled.py); call `warm_up` before serving."""
+    `compile`: the backbone runs under torch.compile (server/compiled.py); call `warm_up` before serving.
+    `lora_kernels`: on CPU, the short runs of a step's side paths (decode rows) go to loramux's kernels
+    (server/lora/kernels.py, built on first use), the rest to torch's matmuls."""
 
     def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_model_len: int,
                  kv_tokens: int, on_slot_load: Callable[[float], None] | None = None, prepack: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, lora_kernels: bool = True):
         self.model = model
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
@@ -89,6 +92,8 @@ class ModelRunner:
         self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack)  # probes the model: before attention
         self.head_gemm = PackedLinear(self.head) if prepack and prepack_supported(self.head.weight) else self.head
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
+        use_kernels = lora_kernels and self.device.type == "cpu" and self.lora.dtype == torch.float32
+        self.kernel_max_run = kernels.MAX_RUN if use_kernels and kernels.load() else None
         model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
@@ -132,7 +137,8 @@ class ModelRunner:
         """The attention metadata and LoRA plan of a step (the slot table's ranks and merged slot)."""
         lora = plan_lora(step.token_slots, self.slots.ranks(), slot_groups=self.slots.groups(),
                          weighted=step.weighted, rescaled_slots=self.slots.rescaled_slots(),
-                         merged_slot=self.slots.merged_slot, device=self.device)
+                         merged_slot=self.slots.merged_slot, device=self.device,
+                         kernel_max_run=self.kernel_max_run)
         attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device)
         return StepContext(attn=attn, lora=lora)
 

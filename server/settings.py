@@ -37,6 +37,9 @@ class Settings(BaseSettings):
                                              "graphs first, 20-60 s on 2 CPU cores). Off by default: measured "
                                              "0.97x / 1.06x (fp32 / bf16) over HTTP and 0.85x / 0.70x in the "
                                              "engine, against the eager step")
+    lora_kernels: bool = Field(True, description="CPU: the side paths of decode rows through loramux's SGMV "
+                                                 "kernels (built with the C++ compiler on first start, ~15 s); "
+                                                 "off: torch's batched matmuls")
     max_loras: int = Field(16, ge=1, description="adapters resident in device slots")
     max_cpu_loras: int = Field(64, ge=0, description="adapters kept in host memory")
     max_rank: int = Field(64, ge=1)

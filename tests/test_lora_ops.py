@@ -1,4 +1,5 @@
-"""The fast side-path kernels against the plain per-token loop, for every plan the planner makes."""
+"""The fast side paths against the plain per-token loop, for every plan the planner makes: torch's batched
+matmuls, and loramux's CPU kernels for the short runs (`kernel_max_run`; server/lora/kernels.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from lora_reference import lora_reference
 
+from server.lora import kernels
 from server.lora.ops import BufferViews, expand, shrink
 from server.lora.plan import NO_ADAPTER, plan_lora
 from server.lora.slots import place_slot
@@ -17,6 +19,16 @@ D_OUT = [32, 16, 16]
 
 
 GROUPS = [frozenset({0})] * S  # every slot adapts the one group of these tests
+PATHS = {"torch": None, "kernels": kernels.MAX_RUN}  # kernel_max_run: the long_runs case mixes both
+
+
+@pytest.fixture(params=list(PATHS))
+def kernel_max_run(request) -> int | None:
+    """Each test once through torch's matmuls, once with the short runs through the kernels (built here: CI has
+    the C++ compiler, so a failed build fails the test)."""
+    if PATHS[request.param] is not None:
+        assert kernels.load(), "the LoRA CPU kernels did not build (see the warning)"
+    return PATHS[request.param]
 
 
 def plan_lora_batch(token_slots, slot_ranks, **kwargs):
@@ -53,7 +65,7 @@ CASES = {
 @pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
 @pytest.mark.parametrize("max_ranges", [4, 1], ids=["split_by_slot_range", "gathered"])
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fp32_into_bf16"])
-def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtype):
+def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtype, kernel_max_run):
     """y_dtype bf16: a bf16 model's outputs with fp32 side paths (as on CPU) get the delta added in bf16."""
     A, B, ranks = buffers(0)
     if one_bucket:  # plan every slot at the full rank (rows past an adapter's rank are zero)
@@ -62,7 +74,9 @@ def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtyp
     if merged is not None:  # merged rows must be packed first
         slots = [merged] * 2 + [s for s in slots if s != merged]
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
-    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges,
+                           kernel_max_run=kernel_max_run)
+    assert (plan.segments is not None) == (kernel_max_run is not None)
     assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=2, merged_slot=merged)
 
 
@@ -135,7 +149,7 @@ def test_merged_rows_must_come_first():
         plan_lora_batch([0, 2, 1, 2], ranks, merged_slot=2)
 
 
-def test_random_batches():
+def test_random_batches(kernel_max_run):
     A, B, ranks = buffers(5)
     rng = random.Random(0)
     for _ in range(30):
@@ -143,7 +157,7 @@ def test_random_batches():
         if rng.random() < 0.5:
             slots.sort()
         x = torch.randn(len(slots), D_IN)
-        plan = plan_lora_batch(slots, ranks)
+        plan = plan_lora_batch(slots, ranks, kernel_max_run=kernel_max_run and rng.choice([1, 2, 16]))
         views = BufferViews(A, B)
         shrunk = shrink(x, views, plan)
         y = torch.zeros(len(slots), D_OUT[0])
@@ -155,17 +169,18 @@ def test_random_batches():
 @pytest.mark.parametrize("merged", [None, 2])
 @pytest.mark.parametrize("one_bucket", [False, True], ids=["true_ranks", "one_bucket"])
 @pytest.mark.parametrize("max_ranges", [4, 1], ids=["split_by_slot_range", "gathered"])
-def test_a_poisoned_slot_reaches_no_other_token(case, merged, one_bucket, max_ranges):
+def test_a_poisoned_slot_reaches_no_other_token(case, merged, one_bucket, max_ranges, kernel_max_run):
     """A slot whose weights are NaN/Inf: every token of another slot (or of none) gets exactly its clean result,
     in every path the planner picks (views, gathers, padded groups); no masking by multiplying with zero."""
     slots = list(CASES[case])
     if merged is not None:
         slots = [merged] * 2 + [s for s in slots if s != merged]
     for poisoned in sorted({s for s in slots if s not in (merged, NO_ADAPTER)}):
-        _check_poisoned(slots, poisoned, merged, one_bucket, max_ranges)
+        _check_poisoned(slots, poisoned, merged, one_bucket, max_ranges, kernel_max_run)
 
 
-def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_bucket: bool, max_ranges: int) -> None:
+def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_bucket: bool, max_ranges: int,
+                    kernel_max_run: int | None) -> None:
     A, B, ranks = buffers(0)
     if one_bucket:
         ranks = [R] * S
@@ -174,7 +189,8 @@ def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_buc
     for j, b in enumerate(B):
         b[poisoned, 0] = float("inf") if j % 2 else float("nan")
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(1))
-    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges)
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges,
+                           kernel_max_run=kernel_max_run)
     views = BufferViews(A, B)
     shrunk = shrink(x, views, plan)
     for j in range(M):
@@ -191,7 +207,7 @@ def _check_poisoned(slots: list[int], poisoned: int, merged: int | None, one_buc
 @pytest.mark.parametrize("case", ["one_run", "aligned_view", "shuffled", "sparse_gather"])
 @pytest.mark.parametrize("merged", [None, 2])
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fp32_into_bf16"])
-def test_weighted_runs_equal_reference(case, merged, y_dtype):
+def test_weighted_runs_equal_reference(case, merged, y_dtype, kernel_max_run):
     """Composed tokens (no single slot; several weighted slots, the merged one among them) beside the case's
     single-slot tokens, and a weighted run over tokens that have a slot of their own."""
     A, B, ranks = buffers(3)
@@ -202,9 +218,14 @@ def test_weighted_runs_equal_reference(case, merged, y_dtype):
     slots += [NO_ADAPTER] * 3
     weighted = [(n, n + 3, 1, 0.7), (n, n + 3, 4, 0.3), (n + 1, n + 2, 2, -0.5), (0, 2, 5, 1.5)]
     x = torch.randn(len(slots), D_IN, generator=torch.Generator().manual_seed(4))
-    plan = plan_lora_batch(slots, ranks, merged_slot=merged, weighted=weighted)
+    plan = plan_lora_batch(slots, ranks, merged_slot=merged, weighted=weighted, kernel_max_run=kernel_max_run)
     assert plan.active == frozenset({0})
-    assert any(p.kind == "bmm" and p.tok_weight is not None for p in plan.parts)  # slots 1 and 4: one bucket
+    if kernel_max_run is None:
+        assert any(p.kind == "bmm" and p.tok_weight is not None for p in plan.parts)  # slots 1 and 4: one bucket
+    else:  # every weighted run is short: each is a segment with its weight
+        seg = plan.segments
+        table = {(a, b, c): w for (a, b, c, _, _), w in zip(seg.runs.tolist(), seg.weights.tolist(), strict=True)}
+        assert all(table[run[:3]] == pytest.approx(run[3]) for run in weighted)
     assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=5, merged_slot=merged, weighted=weighted)
 
 

@@ -16,7 +16,8 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
 
 The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
 calls these for every group of every layer, a few thousand small products: the buffer views they read are
-made once and kept (`BufferViews`), since the buffers never move.
+made once and kept (`BufferViews`), since the buffers never move. The plan's short runs (`segments`, fp32 on
+CPU) go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.lora import kernels
 from server.lora.plan import LoraPart, LoraPlan, Rescale
 
 
@@ -71,6 +73,7 @@ class Shrunk:
 
     parts: list[ShrunkPart]
     subtract: torch.Tensor | None  # [M, n_sub, r_sub]
+    segments: torch.Tensor | None = None  # [rows, R*M]: x·A of the plan's segments (rank-major, as A)
 
 
 def _members_first(xa: torch.Tensor, m: int) -> torch.Tensor:
@@ -113,7 +116,9 @@ def shrink(x: torch.Tensor, views: BufferViews, plan: LoraPlan) -> Shrunk:
     if plan.subtract is not None:
         start, end, slot = plan.subtract
         sub = _members_first(x[start:end] @ views.a(slot, 0, plan.subtract_rank).T, views.A.shape[2])
-    return Shrunk([_shrink_part(x, views, part) for part in plan.parts], sub)
+    seg = plan.segments
+    xa = None if seg is None else kernels.shrink(x, views.A, seg.runs, seg.rows)
+    return Shrunk([_shrink_part(x, views, part) for part in plan.parts], sub, xa)
 
 
 def _expand_part(acc: torch.Tensor, s: ShrunkPart, member: int, views: BufferViews, part: LoraPart) -> None:
@@ -144,6 +149,9 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
     if s.subtract is not None:
         start, end, slot = plan.subtract
         _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
+    if s.segments is not None:
+        seg = plan.segments
+        kernels.expand(acc, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
     if mixed:
         y.add_(acc)
 

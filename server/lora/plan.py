@@ -7,6 +7,10 @@ bucket, tokens are best packed grouped by slot (the engine sorts its rows by buc
 slot's tokens then form one contiguous run and the bucket's side paths run as one batched matmul over
 a view of the slot buffers, with no gathering of weights or activations.
 
+Short runs (decode rows: a few tokens per adapter) may instead be planned as `Segments`, for loramux's CPU
+kernels (server/lora/kernels.py): one call per projection group for the shrink and one per member for the
+expand, each run at its own slot's true rank; long runs (prefill) stay GEMMs through torch.
+
 A token may also carry weighted slots (a request composing several adapters, or one adapter at a scale
 other than 1): those are planned as weighted runs, `y[t] += w * x[t]·A·B` for each (slot, weight) of the
 token, beside (and on top of) its single slot, if any.
@@ -69,6 +73,30 @@ class LoraPart:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """Runs of tokens for the CPU kernels: row i of `runs` is (start, end, slot, rank, off): tokens start..end-1
+    add `weights[i]` times slot `slot`'s delta at rank `rank` (the adapter's own), their x·A in rows
+    off..off+end-start-1 of a [rows, R*M] buffer. Runs may share tokens (composition), never x·A rows."""
+
+    runs: torch.Tensor  # [n, 5] int64, CPU
+    weights: torch.Tensor  # [n] float32
+    rows: int
+    slots: frozenset[int]
+
+
+def _segments(runs: list[tuple[int, int, int, float]], slot_ranks: list[int]) -> Segments | None:
+    if not runs:
+        return None
+    rows, offs = 0, []
+    for start, end, _, _ in runs:
+        offs.append(rows)
+        rows += end - start
+    table = [(start, end, slot, slot_ranks[slot], off) for (start, end, slot, _), off in zip(runs, offs, strict=True)]
+    return Segments(torch.tensor(table, dtype=torch.long), torch.tensor([w for *_, w in runs], dtype=torch.float32),
+                    rows, frozenset(slot for _, _, slot, _ in runs))
+
+
+@dataclass(frozen=True)
 class Rescale:
     """The DoRA and IA3 tokens of a step: token t's outputs are multiplied by its slot's row scales (plus the
     bias term). `runs` are their maximal (start, end, slot) runs; `span` is (lo, hi) when they are exactly the
@@ -93,10 +121,11 @@ class LoraPlan:
     active: frozenset[int]  # indices of the projection groups with work this step
     rescale: Rescale | None = None  # the DoRA and IA3 tokens, if any
     rescale_groups: frozenset[int] = frozenset()  # the groups those tokens' adapters adapt
+    segments: Segments | None = None  # the short runs, for the CPU kernels
 
     @property
     def empty(self) -> bool:
-        return not self.parts and self.subtract is None
+        return not self.parts and self.subtract is None and self.segments is None
 
 
 def _runs(token_slots: list[int], skip: int | None) -> list[tuple[int, int, int]]:
@@ -188,6 +217,7 @@ def plan_lora(
     device: torch.device | str = "cpu",
     max_pad_ratio: float = 4.0,
     max_slot_ranges: int = 4,
+    kernel_max_run: int | None = None,
 ) -> LoraPlan:
     """Plan the side paths of a step.
 
@@ -203,6 +233,8 @@ def plan_lora(
     Slots of rank 0 (IA3) have no side path.
     A bucket whose slots form up to max_slot_ranges ranges of consecutive slots gets one part per range
     (views of the slot buffers); a more scattered one is one part that gathers its slots' weights.
+    kernel_max_run: runs (single-slot and weighted) of at most this many tokens become the plan's `segments`
+    (for the CPU kernels); None: every run is planned for torch.
     """
     subtract = None
     subtract_rank = 0
@@ -214,11 +246,17 @@ def plan_lora(
                 raise ValueError("rows of the merged adapter must be packed first (contiguous others)")
             subtract = (lo, hi, merged_slot)
             subtract_rank = slot_ranks[merged_slot]
+    short = kernel_max_run or 0
+    kernel_runs: list[tuple[int, int, int, float]] = []
     buckets: dict[int, list[tuple[int, int, int]]] = {}
     for run in _runs(token_slots, merged_slot):
-        if slot_ranks[run[2]] > 0:
+        if slot_ranks[run[2]] > 0 and run[1] - run[0] <= short:
+            kernel_runs.append((*run, 1.0))
+        elif slot_ranks[run[2]] > 0:
             buckets.setdefault(rank_bucket(slot_ranks[run[2]]), []).append(run)
-    by_bucket = _weighted_by_bucket(weighted, slot_ranks)
+    kernel_runs += [run for run in weighted if run[1] - run[0] <= short and slot_ranks[run[2]] > 0]
+    segments = _segments(kernel_runs, slot_ranks)
+    by_bucket = _weighted_by_bucket([run for run in weighted if run[1] - run[0] > short], slot_ranks)
     parts: tuple[LoraPart, ...] = ()
     for bucket, bucket_runs in sorted(buckets.items()):
         extra = by_bucket.pop(bucket, [])
@@ -237,11 +275,12 @@ def plan_lora(
         if any(slot in rescaled_slots for _, _, slot, _ in weighted):
             raise ValueError("a DoRA or IA3 adapter cannot be composed or scaled (its rescale is not linear)")
     used = {slot for part in parts for _, _, slot in part.runs} | ({merged_slot} if subtract else set())
+    used |= segments.slots if segments else set()
     rescale = _rescale(token_slots, rescaled_slots - {merged_slot}, device) if rescaled_slots else None
     rescale_groups = frozenset().union(*(slot_groups[s] for s in rescale.slots)) if rescale else frozenset()
     return LoraPlan(n_tokens=len(token_slots), parts=parts, subtract=subtract, subtract_rank=subtract_rank,
                     active=frozenset().union(*(slot_groups[s] for s in used)) | rescale_groups, rescale=rescale,
-                    rescale_groups=rescale_groups)
+                    rescale_groups=rescale_groups, segments=segments)
 
 
 def _rescale(token_slots: list[int], slots: frozenset[int], device) -> Rescale | None:

@@ -1,0 +1,243 @@
+// LoRA side paths of a step on CPU in two calls per projection group: segmented x·A and (x·A)·B over runs
+// of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA, for fp32).
+//
+// A run is a row of `runs` [n, 5] int64: (start, end, slot, rank, off): tokens start..end-1 of x use slot
+// `slot` at rank `rank`, and their x·A rows sit at off..off+(end-start)-1 of xa. `weights` [n] float32 scales
+// each run's product (1 for a token's own adapter, -1 to remove a merged one, w for a composed one). Runs may
+// share tokens; they never share xa rows. The Python side (server/lora/kernels.py) builds the runs and keeps
+// the plain-torch path these are tested against (tests/test_lora_kernels.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 16;     // A rows (rank x member) of one shrink work item
+constexpr int64_t kMinCols = 64;  // fewest output columns of one expand work item
+constexpr int64_t kRanks = 8;     // ranks (rows of B) of one expand tile
+constexpr int64_t kTokens = 4;    // tokens of one expand tile
+// multiply-adds below which a call runs on the calling thread (measured: a second thread's wake-up costs more)
+constexpr int64_t kShrinkGrain = 1 << 19;
+constexpr int64_t kExpandGrain = 1 << 20;
+
+// 8 floats: GCC and Clang lower it to the registers -march allows (AVX2 or AVX-512; two SSE or NEON registers)
+typedef float Vec __attribute__((vector_size(32)));
+constexpr int64_t kLanes = sizeof(Vec) / sizeof(float);
+
+inline Vec load(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof v); }
+
+inline float hsum(Vec v) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+struct Run {
+  int64_t start, end, slot, rank, off;
+};
+
+std::vector<Run> read_runs(const at::Tensor& runs, int64_t n_tokens, int64_t n_slots, int64_t max_rank,
+                           int64_t rows) {
+  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.dim() == 2 && runs.size(1) == 5 &&
+                  runs.is_contiguous(),
+              "runs must be a contiguous [n, 5] int64 CPU tensor");
+  const int64_t* p = runs.data_ptr<int64_t>();
+  std::vector<Run> out(runs.size(0));
+  for (size_t i = 0; i < out.size(); ++i) {
+    Run r{p[5 * i], p[5 * i + 1], p[5 * i + 2], p[5 * i + 3], p[5 * i + 4]};
+    TORCH_CHECK(0 <= r.start && r.start <= r.end && r.end <= n_tokens, "run ", i, ": tokens ", r.start, "..", r.end,
+                " outside 0..", n_tokens);
+    TORCH_CHECK(0 <= r.slot && r.slot < n_slots, "run ", i, ": slot ", r.slot, " outside 0..", n_slots);
+    TORCH_CHECK(0 <= r.rank && r.rank <= max_rank, "run ", i, ": rank ", r.rank, " outside 0..", max_rank);
+    TORCH_CHECK(0 <= r.off && r.off + (r.end - r.start) <= rows, "run ", i, ": rows ", r.off, "+", r.end - r.start,
+                " outside 0..", rows);
+    out[i] = r;
+  }
+  return out;
+}
+
+void check_fp32(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim, name, " must be a ", dim,
+              "-d float32 CPU tensor");
+  TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have unit stride in its last dimension");
+}
+
+// out[t] = <a, x_t> for N rows x_t of length d, each element of a read once (two partial sums per row).
+template <int N>
+inline void dots(const float* __restrict a, const float* const* x, int64_t d, float* out) {
+  Vec acc[N][2] = {};
+  int64_t k = 0;
+  for (; k + 2 * kLanes <= d; k += 2 * kLanes) {
+    const Vec a0 = load(a + k), a1 = load(a + k + kLanes);
+    for (int t = 0; t < N; ++t) {
+      acc[t][0] += a0 * load(x[t] + k);
+      acc[t][1] += a1 * load(x[t] + k + kLanes);
+    }
+  }
+  for (int t = 0; t < N; ++t) {
+    float s = hsum(acc[t][0] + acc[t][1]);
+    for (int64_t j = k; j < d; ++j) s += a[j] * x[t][j];
+    out[t] = s;
+  }
+}
+
+inline void dots_n(const float* a, const float* const* x, int64_t n, int64_t d, float* out) {
+  switch (n) {
+    case 4: return dots<4>(a, x, d, out);
+    case 3: return dots<3>(a, x, d, out);
+    case 2: return dots<2>(a, x, d, out);
+    default: return dots<1>(a, x, d, out);
+  }
+}
+
+// x [N, d_in], A [S, R, M, d_in] (contiguous) -> xa [rows, R*M]: xa[off + i, q] = <A[slot, q / M, q % M], x[start + i]>
+// for q < rank*M (the rest of a row is never read).
+at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& runs, int64_t rows) {
+  check_fp32(x, "x", 2);
+  check_fp32(A, "A", 4);
+  TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
+  const int64_t S = A.size(0), R = A.size(1), M = A.size(2), D = A.size(3);
+  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " features, A ", D);
+  const std::vector<Run> rs = read_runs(runs, x.size(0), S, R, rows);
+  at::Tensor xa = at::empty({rows, R * M}, x.options());
+  std::vector<int64_t> first(rs.size() + 1, 0);  // first work item of each run
+  int64_t work = 0;
+  for (size_t i = 0; i < rs.size(); ++i) {
+    first[i + 1] = first[i] + (rs[i].rank * M + kRows - 1) / kRows;
+    work += (rs[i].end - rs[i].start) * rs[i].rank * M * D;
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* ap = A.data_ptr<float>();
+  float* op = xa.data_ptr<float>();
+  const int64_t xs = x.stride(0), width = R * M, items = first.back();
+  const int64_t grain = work <= kShrinkGrain ? items + 1 : 1;
+  at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+      const Run& r = rs[i];
+      const int64_t q0 = (item - first[i]) * kRows, q1 = std::min(q0 + kRows, r.rank * M);
+      const float* a = ap + r.slot * R * M * D;
+      for (int64_t t = r.start; t < r.end; t += 4) {
+        const int64_t n = std::min<int64_t>(4, r.end - t);
+        const float* xr[4];
+        for (int64_t j = 0; j < n; ++j) xr[j] = xp + (t + j) * xs;
+        float out[4];
+        for (int64_t q = q0; q < q1; ++q) {
+          dots_n(a + q * D, xr, n, D, out);
+          for (int64_t j = 0; j < n; ++j) op[(r.off + t - r.start + j) * width + q] = out[j];
+        }
+      }
+    }
+  });
+  return xa;
+}
+
+// out[j, :nc] += sum_k v[j][k] * b[k, :nc] for TN rows j (out row stride os, b row stride bs), kn <= kRanks:
+// the rows' sums stay in registers over the kn ranks, each B element is loaded once for all TN rows.
+template <int TN>
+inline void expand_tile(float* out, int64_t os, const float* b, int64_t bs, const float (&v)[kTokens][kRanks],
+                        int64_t kn, int64_t nc) {
+  int64_t c = 0;
+  for (; c + 2 * kLanes <= nc; c += 2 * kLanes) {
+    Vec acc[TN][2];
+    for (int j = 0; j < TN; ++j) {
+      acc[j][0] = load(out + j * os + c);
+      acc[j][1] = load(out + j * os + c + kLanes);
+    }
+    for (int64_t k = 0; k < kn; ++k) {
+      const Vec b0 = load(b + k * bs + c), b1 = load(b + k * bs + c + kLanes);
+      for (int j = 0; j < TN; ++j) {
+        acc[j][0] += v[j][k] * b0;
+        acc[j][1] += v[j][k] * b1;
+      }
+    }
+    for (int j = 0; j < TN; ++j) {
+      store(out + j * os + c, acc[j][0]);
+      store(out + j * os + c + kLanes, acc[j][1]);
+    }
+  }
+  for (; c < nc; ++c) {
+    for (int j = 0; j < TN; ++j) {
+      float s = out[j * os + c];
+      for (int64_t k = 0; k < kn; ++k) s += v[j][k] * b[k * bs + c];
+      out[j * os + c] = s;
+    }
+  }
+}
+
+// y [N, d_out] += weight * xa[run rows, member::M at the run's rank] @ B[slot, :rank]; B [S, R, d_out] contiguous.
+void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const at::Tensor& runs,
+                 const at::Tensor& weights, int64_t member, int64_t members) {
+  check_fp32(y, "y", 2);
+  check_fp32(xa, "xa", 2);
+  check_fp32(B, "B", 3);
+  TORCH_CHECK(B.is_contiguous() && xa.is_contiguous(), "B and xa must be contiguous");
+  const int64_t S = B.size(0), R = B.size(1), D = B.size(2);
+  TORCH_CHECK(y.size(1) == D, "y has ", y.size(1), " columns, B ", D);
+  TORCH_CHECK(0 <= member && member < members && xa.size(1) == R * members, "xa [", xa.size(0), ", ", xa.size(1),
+              "] is not the shrink of ", members, " members at rank ", R);
+  const std::vector<Run> rs = read_runs(runs, y.size(0), S, R, xa.size(0));
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  weights.numel() == static_cast<int64_t>(rs.size()),
+              "weights must be a contiguous float32 CPU tensor of one weight per run");
+  int64_t work = 0;
+  for (const Run& r : rs) work += (r.end - r.start) * r.rank * D;
+  const float* wp = weights.data_ptr<float>();
+  const float* xp = xa.data_ptr<float>();
+  const float* bp = B.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // two column blocks per thread (each streams its columns of every B row), of whole tiles
+  const int64_t split = 2 * at::get_num_threads();
+  const int64_t cols = std::max(kMinCols, ((D + split - 1) / split + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
+  const int64_t ys = y.stride(0), width = xa.size(1), blocks = (D + cols - 1) / cols;
+  const int64_t grain = work <= kExpandGrain ? blocks + 1 : 1;
+  at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t c0 = blk * cols, nc = std::min(cols, D - c0);
+      for (size_t i = 0; i < rs.size(); ++i) {
+        const Run& r = rs[i];
+        for (int64_t k0 = 0; k0 < r.rank; k0 += kRanks) {  // kRanks rows of B at a time, in order
+          const int64_t kn = std::min(kRanks, r.rank - k0);
+          const float* b = bp + (r.slot * R + k0) * D + c0;
+          for (int64_t t = r.start; t < r.end; t += kTokens) {
+            const int64_t tn = std::min(kTokens, r.end - t);
+            float v[kTokens][kRanks] = {};  // weight * x·A of these tokens at these ranks
+            for (int64_t j = 0; j < tn; ++j) {
+              const float* s = xp + (r.off + t + j - r.start) * width + k0 * members + member;
+              for (int64_t k = 0; k < kn; ++k) v[j][k] = wp[i] * s[k * members];
+            }
+            float* out = yp + t * ys + c0;
+            switch (tn) {
+              case 4: expand_tile<4>(out, ys, b, D, v, kn, nc); break;
+              case 3: expand_tile<3>(out, ys, b, D, v, kn, nc); break;
+              case 2: expand_tile<2>(out, ys, b, D, v, kn, nc); break;
+              default: expand_tile<1>(out, ys, b, D, v, kn, nc);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loramux_cpu, m) {
+  m.def("sgmv_shrink(Tensor x, Tensor A, Tensor runs, int rows) -> Tensor");
+  m.def("sgmv_expand(Tensor(a!) y, Tensor xa, Tensor B, Tensor runs, Tensor weights, int member, int members) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loramux_cpu, CPU, m) {
+  m.impl("sgmv_shrink", &sgmv_shrink);
+  m.impl("sgmv_expand", &sgmv_expand);
+}

@@ -1,0 +1,104 @@
+"""loramux's CPU kernels (server/lora/kernels.py) on their own: each run's product against plain torch, and
+the refusals of runs that would read or write outside their tensors (nothing is written then).
+
+Their use inside whole plans (merged, weighted, poisoned slots, every case of the planner) is in
+test_lora_ops.py; inside the model, against PEFT, in test_lora_peft.py and test_dora.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.lora import kernels
+
+S, R, M, D_IN, D_OUT = 4, 16, 2, 40, 72  # widths that are not multiples of the vectors: the tails run too
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels.load(), "the LoRA CPU kernels did not build (see the warning)"
+
+
+def tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(9, D_IN, generator=g), torch.randn(S, R, M, D_IN, generator=g),
+            torch.randn(S, R, D_OUT, generator=g))
+
+
+RUNS = [(0, 3, 2, 16, 0), (3, 4, 0, 5, 3), (4, 9, 3, 1, 4), (1, 3, 1, 7, 9)]  # the last overlaps the first's tokens
+WEIGHTS = [1.0, -1.0, 0.25, 2.0]
+
+
+def test_each_run_adds_its_own_slot_at_its_own_rank():
+    x, A, B = tensors()
+    runs = torch.tensor(RUNS)
+    xa = kernels.shrink(x, A, runs, 11)
+    y = torch.randn(9, D_OUT)
+    ref = y.double().clone()
+    for j in range(M):
+        yj = y.clone()
+        kernels.expand(yj, xa, B, runs, torch.tensor(WEIGHTS), j, M)
+        ref_j = ref.clone()
+        for (start, end, slot, rank, off), w in zip(RUNS, WEIGHTS, strict=True):
+            a = A[slot, :rank, j].double()  # [rank, d_in]
+            xa_ref = x[start:end].double() @ a.T
+            torch.testing.assert_close(xa[off : off + end - start].view(-1, R, M)[:, :rank, j].double(), xa_ref,
+                                       atol=1e-4, rtol=1e-5)
+            ref_j[start:end] += w * xa_ref @ B[slot, :rank].double()
+        torch.testing.assert_close(yj.double(), ref_j, atol=1e-4, rtol=1e-5)
+
+
+def test_no_runs_leave_y_unchanged():
+    x, A, B = tensors()
+    none = torch.zeros(0, 5, dtype=torch.long)
+    y = torch.randn(9, D_OUT)
+    before = y.clone()
+    kernels.expand(y, kernels.shrink(x, A, none, 0), B, none, torch.zeros(0), 0, M)
+    assert torch.equal(y, before)
+
+
+BAD_RUNS = {
+    "tokens past the end": ((0, 10, 0, 4, 0), "tokens 0..10 outside 0..9"),
+    "reversed tokens": ((5, 3, 0, 4, 0), "tokens 5..3"),
+    "slot past the buffers": ((0, 2, 4, 4, 0), "slot 4 outside 0..4"),
+    "negative slot": ((0, 2, -1, 4, 0), "slot -1"),
+    "rank past the buffers": ((0, 2, 1, 17, 0), "rank 17 outside 0..16"),
+    "rows past x·A": ((0, 4, 1, 4, 8), "rows 8\\+4 outside 0..9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_a_run_outside_its_tensors_is_refused_and_nothing_written(case):
+    run, message = BAD_RUNS[case]
+    x, A, B = tensors()
+    runs = torch.tensor([run])
+    with pytest.raises(RuntimeError, match=message):
+        kernels.shrink(x, A, runs, 9)
+    xa = torch.zeros(9, R * M)
+    y = torch.randn(9, D_OUT)
+    before = y.clone()
+    with pytest.raises(RuntimeError, match=message):
+        kernels.expand(y, xa, B, runs, torch.ones(1), 0, M)
+    assert torch.equal(y, before)
+
+
+def test_tensors_of_the_wrong_kind_are_refused():
+    x, A, B = tensors()
+    runs = torch.tensor(RUNS)
+    with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
+        kernels.shrink(x.bfloat16(), A, runs, 11)
+    with pytest.raises(RuntimeError, match="A must be contiguous"):
+        kernels.shrink(x, A.transpose(0, 1), runs, 11)
+    with pytest.raises(RuntimeError, match="x has 39 features, A 40"):
+        kernels.shrink(x[:, :39], A, runs, 11)
+    with pytest.raises(RuntimeError, match=r"runs must be a contiguous \[n, 5\] int64"):
+        kernels.shrink(x, A, runs.int(), 11)
+    xa = kernels.shrink(x, A, runs, 11)
+    y = torch.zeros(9, D_OUT)
+    with pytest.raises(RuntimeError, match="one weight per run"):
+        kernels.expand(y, xa, B, runs, torch.ones(3), 0, M)
+    with pytest.raises(RuntimeError, match="is not the shrink of 3 members"):
+        kernels.expand(y, xa, B, runs, torch.ones(4), 0, 3)
+    with pytest.raises(RuntimeError, match="y has 71 columns, B 72"):
+        kernels.expand(y[:, :71], xa, B, runs, torch.ones(4), 0, M)
+    assert not y.any()
