@@ -48,6 +48,22 @@ def test_each_run_adds_its_own_slot_at_its_own_rank():
         torch.testing.assert_close(yj.double(), ref_j, atol=1e-4, rtol=1e-5)
 
 
+def test_a_bf16_output_takes_each_runs_float32_sum_rounded_once():
+    """Disjoint runs into a bf16 y: bit for bit what adding a float32 buffer of the same sums into y gives."""
+    x, A, B = tensors(1)
+    disjoint = [run for run in RUNS if run[0] != 1]
+    runs, weights = torch.tensor(disjoint), torch.tensor(WEIGHTS[: len(disjoint)])
+    xa = kernels.shrink(x, A, runs, 11)
+    y = (torch.randn(9, D_OUT, generator=torch.Generator().manual_seed(2)) * 8).bfloat16()
+    for j in range(M):
+        direct = y.clone()
+        kernels.expand(direct, xa, B, runs, weights, j, M)
+        sums = torch.zeros(9, D_OUT)
+        kernels.expand(sums, xa, B, runs, weights, j, M)
+        assert torch.equal(direct, y.clone().add_(sums))
+        assert not torch.equal(direct, y)
+
+
 def test_no_runs_leave_y_unchanged():
     x, A, B = tensors()
     none = torch.zeros(0, 5, dtype=torch.long)
@@ -101,4 +117,6 @@ def test_tensors_of_the_wrong_kind_are_refused():
         kernels.expand(y, xa, B, runs, torch.ones(4), 0, 3)
     with pytest.raises(RuntimeError, match="y has 71 columns, B 72"):
         kernels.expand(y[:, :71], xa, B, runs, torch.ones(4), 0, M)
+    with pytest.raises(RuntimeError, match="y must be a 2-d float32 or bfloat16"):
+        kernels.expand(y.half(), xa, B, runs, torch.ones(4), 0, M)
     assert not y.any()

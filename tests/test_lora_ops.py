@@ -77,6 +77,8 @@ def test_fast_path_equals_reference(case, merged, one_bucket, max_ranges, y_dtyp
     plan = plan_lora_batch(slots, ranks, merged_slot=merged, max_slot_ranges=max_ranges,
                            kernel_max_run=kernel_max_run)
     assert (plan.segments is not None) == (kernel_max_run is not None)
+    if plan.segments is not None:
+        assert plan.segments.disjoint  # one slot per token (the merged subtraction is not a segment)
     assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=2, merged_slot=merged)
 
 
@@ -224,6 +226,7 @@ def test_weighted_runs_equal_reference(case, merged, y_dtype, kernel_max_run):
         assert any(p.kind == "bmm" and p.tok_weight is not None for p in plan.parts)  # slots 1 and 4: one bucket
     else:  # every weighted run is short: each is a segment with its weight
         seg = plan.segments
+        assert not seg.disjoint  # composed tokens sit in several runs: a bf16 y takes one float32 sum of them all
         table = {(a, b, c): w for (a, b, c, _, _), w in zip(seg.runs.tolist(), seg.weights.tolist(), strict=True)}
         assert all(table[run[:3]] == pytest.approx(run[3]) for run in weighted)
     assert_expands_to_reference(x, slots, A, B, plan, y_dtype, seed=5, merged_slot=merged, weighted=weighted)

@@ -67,7 +67,10 @@ def shrink(x: torch.Tensor, A: torch.Tensor, runs: torch.Tensor, rows: int) -> t
 
 def expand(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, runs: torch.Tensor, weights: torch.Tensor,
            member: int, members: int) -> None:
-    """y [N, d_out] += weight * (x·A of `member`) · B[slot] for each run, in place (fp32)."""
+    """y [N, d_out] += weight * (x·A of `member`) · B[slot] for each run, in place.
+
+    y is float32 or bfloat16; a bfloat16 y takes each run's float32 sum rounded once (for disjoint runs, what
+    adding a float32 buffer of the sums into y gives, bit for bit)."""
     torch.ops.loramux_cpu.sgmv_expand(y, xa, B, runs, weights, member, members)
 
 

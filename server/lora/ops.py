@@ -17,7 +17,9 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
 The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
 calls these for every group of every layer, a few thousand small products: the buffer views they read are
 made once and kept (`BufferViews`), since the buffers never move. The plan's short runs (`segments`, fp32 on
-CPU) go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py).
+CPU) go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py); where they
+are a member's only side path and no token is in two of them, a bf16 y takes the kernel's sums directly (the
+same single rounding, without the float32 buffer).
 """
 
 from __future__ import annotations
@@ -142,6 +144,11 @@ def _expand_part(acc: torch.Tensor, s: ShrunkPart, member: int, views: BufferVie
 
 def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: LoraPlan) -> None:
     """y: [N, d_out] += this member's side paths (in place)."""
+    seg = plan.segments
+    if (s.segments is not None and not s.parts and s.subtract is None and seg.disjoint
+            and y.dtype == torch.bfloat16 and views.A.dtype == torch.float32):  # the kernel rounds into y once
+        kernels.expand(y, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
+        return
     mixed = y.dtype != views.A.dtype
     acc = torch.zeros(y.shape, dtype=views.A.dtype, device=y.device) if mixed else y  # one rounding into y
     for shrunk, part in zip(s.parts, plan.parts, strict=True):
@@ -150,7 +157,6 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
         start, end, slot = plan.subtract
         _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
     if s.segments is not None:
-        seg = plan.segments
         kernels.expand(acc, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
     if mixed:
         y.add_(acc)

@@ -18,6 +18,7 @@ token, beside (and on top of) its single slot, if any.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -82,6 +83,7 @@ class Segments:
     weights: torch.Tensor  # [n] float32
     rows: int
     slots: frozenset[int]
+    disjoint: bool  # no token in two runs
 
 
 def _segments(runs: list[tuple[int, int, int, float]], slot_ranks: list[int]) -> Segments | None:
@@ -92,8 +94,10 @@ def _segments(runs: list[tuple[int, int, int, float]], slot_ranks: list[int]) ->
         offs.append(rows)
         rows += end - start
     table = [(start, end, slot, slot_ranks[slot], off) for (start, end, slot, _), off in zip(runs, offs, strict=True)]
+    spans = sorted((start, end) for start, end, _, _ in runs if end > start)
+    disjoint = all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     return Segments(torch.tensor(table, dtype=torch.long), torch.tensor([w for *_, w in runs], dtype=torch.float32),
-                    rows, frozenset(slot for _, _, slot, _ in runs))
+                    rows, frozenset(slot for _, _, slot, _ in runs), disjoint)
 
 
 @dataclass(frozen=True)

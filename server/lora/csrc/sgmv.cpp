@@ -1,5 +1,6 @@
 // LoRA side paths of a step on CPU in two calls per projection group: segmented x·A and (x·A)·B over runs
-// of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA, for fp32).
+// of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA): float32
+// weights and x·A, a float32 or bfloat16 output.
 //
 // A run is a row of `runs` [n, 5] int64: (start, end, slot, rank, off): tokens start..end-1 of x use slot
 // `slot` at rank `rank`, and their x·A rows sit at off..off+(end-start)-1 of xa. `weights` [n] float32 scales
@@ -170,9 +171,13 @@ inline void expand_tile(float* out, int64_t os, const float* b, int64_t bs, cons
 }
 
 // y [N, d_out] += weight * xa[run rows, member::M at the run's rank] @ B[slot, :rank]; B [S, R, d_out] contiguous.
+// y is float32 or bfloat16. A bfloat16 y takes each run's sum (float32, over all its ranks) rounded once:
+// y = bf16(float(y) + sum), what adding a float32 buffer of the runs' sums into y does when the runs are disjoint.
 void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const at::Tensor& runs,
                  const at::Tensor& weights, int64_t member, int64_t members) {
-  check_fp32(y, "y", 2);
+  const bool bf16 = y.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(y.device().is_cpu() && (bf16 || y.scalar_type() == at::kFloat) && y.dim() == 2 && y.stride(1) == 1,
+              "y must be a 2-d float32 or bfloat16 CPU tensor with unit stride in its last dimension");
   check_fp32(xa, "xa", 2);
   check_fp32(B, "B", 3);
   TORCH_CHECK(B.is_contiguous() && xa.is_contiguous(), "B and xa must be contiguous");
@@ -187,16 +192,23 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const
   const float* wp = weights.data_ptr<float>();
   const float* xp = xa.data_ptr<float>();
   const float* bp = B.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  float* yp = bf16 ? nullptr : y.data_ptr<float>();
+  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
+  int64_t longest = 0;
+  for (const Run& r : rs) longest = std::max(longest, r.end - r.start);
   // two column blocks per thread (each streams its columns of every B row), of whole tiles
   const int64_t split = 2 * at::get_num_threads();
   const int64_t cols = std::max(kMinCols, ((D + split - 1) / split + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
   const int64_t ys = y.stride(0), width = xa.size(1), blocks = (D + cols - 1) / cols;
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sums(bf16 ? longest * cols : 0);  // bf16 y: one run's float32 sums [tokens, cols]
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t c0 = blk * cols, nc = std::min(cols, D - c0);
       for (size_t i = 0; i < rs.size(); ++i) {
         const Run& r = rs[i];
+        const int64_t os = bf16 ? nc : ys;
+        float* base = bf16 ? sums.data() - r.start * nc : yp + c0;  // row t of the run's output: base + t * os
+        if (bf16) std::fill(sums.begin(), sums.begin() + (r.end - r.start) * nc, 0.f);
         for (int64_t k0 = 0; k0 < r.rank; k0 += kRanks) {  // kRanks rows of B at a time, in order
           const int64_t kn = std::min(kRanks, r.rank - k0);
           const float* b = bp + (r.slot * R + k0) * D + c0;
@@ -207,13 +219,20 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const
               const float* s = xp + (r.off + t + j - r.start) * width + k0 * members + member;
               for (int64_t k = 0; k < kn; ++k) v[j][k] = wp[i] * s[k * members];
             }
-            float* out = yp + t * ys + c0;
+            float* out = base + t * os;
             switch (tn) {
-              case 4: expand_tile<4>(out, ys, b, D, v, kn, nc); break;
-              case 3: expand_tile<3>(out, ys, b, D, v, kn, nc); break;
-              case 2: expand_tile<2>(out, ys, b, D, v, kn, nc); break;
-              default: expand_tile<1>(out, ys, b, D, v, kn, nc);
+              case 4: expand_tile<4>(out, os, b, D, v, kn, nc); break;
+              case 3: expand_tile<3>(out, os, b, D, v, kn, nc); break;
+              case 2: expand_tile<2>(out, os, b, D, v, kn, nc); break;
+              default: expand_tile<1>(out, os, b, D, v, kn, nc);
             }
+          }
+        }
+        if (bf16) {
+          for (int64_t t = r.start; t < r.end; ++t) {
+            at::BFloat16* row = yb + t * ys + c0;
+            const float* sum = base + t * os;
+            for (int64_t c = 0; c < nc; ++c) row[c] = at::BFloat16(static_cast<float>(row[c]) + sum[c]);
           }
         }
       }
