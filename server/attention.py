@@ -131,7 +131,10 @@ def _decode(cache: KVCache, layer: int, g: DecodeGroup, query: torch.Tensor, out
         k = kr[g.lo : g.lo + g.span, h, : g.length]  # [span, T, D], strided in place
         v = vr[g.lo : g.lo + g.span, h, : g.length]
         heads_h = slice(h * group, (h + 1) * group)
-        scores = torch.bmm(qd[:, heads_h], k.transpose(1, 2)).float()  # [span, G, T]
+        if k.dtype == torch.bfloat16:  # oneDNN copies a strided k^T operand; k @ q^T reads k in place, same sums
+            scores = torch.bmm(k, qd[:, heads_h].transpose(1, 2)).transpose(1, 2).float()  # [span, G, T]
+        else:
+            scores = torch.bmm(qd[:, heads_h], k.transpose(1, 2)).float()  # [span, G, T]
         scores.mul_(scaling).masked_fill_(hidden, float("-inf"))
         o[:, heads_h] = torch.bmm(scores.softmax(-1).to(v.dtype), v)  # [span, G, D]
     out[g.idx] = o[g.rows].to(out.dtype)
