@@ -145,12 +145,11 @@ def _expand_part(acc: torch.Tensor, s: ShrunkPart, member: int, views: BufferVie
 def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: LoraPlan) -> None:
     """y: [N, d_out] += this member's side paths (in place)."""
     seg = plan.segments
-    if (s.segments is not None and not s.parts and s.subtract is None and seg.disjoint
-            and y.dtype == torch.bfloat16 and views.A.dtype == torch.float32):  # the kernel rounds into y once
-        kernels.expand(y, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
-        return
-    mixed = y.dtype != views.A.dtype
-    acc = torch.zeros(y.shape, dtype=views.A.dtype, device=y.device) if mixed else y  # one rounding into y
+    # one rounding into y: a y of another dtype takes a buffer of the sums, except where the kernel's disjoint
+    # runs are the only side path and y is bf16 (the kernel rounds each run's sum into y itself)
+    kernel_only = s.segments is not None and not s.parts and s.subtract is None and seg.disjoint
+    buffered = y.dtype != views.A.dtype and not (kernel_only and y.dtype == torch.bfloat16)
+    acc = torch.zeros(y.shape, dtype=views.A.dtype, device=y.device) if buffered else y
     for shrunk, part in zip(s.parts, plan.parts, strict=True):
         _expand_part(acc, shrunk, member, views, part)
     if s.subtract is not None:
@@ -158,7 +157,7 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
         _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
     if s.segments is not None:
         kernels.expand(acc, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
-    if mixed:
+    if buffered:
         y.add_(acc)
 
 
