@@ -7,7 +7,8 @@ Steps, packed as the engine packs them (rows grouped by rank bucket, then slot):
 Each is timed with base-model rows and with the 16 adapters (4 rows each), eagerly and through the compiled
 step (the same runner, weights and slots: only the backbone function differs), all in rotation, medians; the
 16-adapter steps also eagerly with the side paths through torch's matmuls instead of loramux's CPU kernels
-(`--no-lora-kernels`; the prefill's runs of 64 tokens take torch's GEMMs either way).
+(`--no-lora-kernels`; the prefill's runs of 64 tokens take torch's GEMMs either way), and both decode steps
+eagerly with decode attention through torch's batched matmuls instead of loramux's kernel (`--no-attention-kernel`).
 Also the floor of the side paths: the bytes of the slot weights one step reads (each adapter's A and B at its
 bucket's rank, for the projections it targets), over the read bandwidth measured in the same run.
 
@@ -96,20 +97,22 @@ def bench_dtype(dtype: str, args) -> dict:
     if kernel_max_run is None:
         raise RuntimeError("the LoRA CPU kernels did not build (see the warning above)")
 
-    def timed(step: StepInput, fn: Callable | None, max_run: int | None) -> Callable[[], None]:
+    if not runner.attention_kernel:
+        raise RuntimeError("the decode-attention kernel did not build (see the warning above)")
+
+    def timed(name: str, mode: str) -> Callable[[], None]:
         def run() -> None:
-            runner.compiled = fn
-            runner.kernel_max_run = max_run
-            runner.forward(step)
+            runner.compiled = compiled if mode == "compiled" else None
+            runner.kernel_max_run = None if mode == "eager_torch" else kernel_max_run
+            runner.attention_kernel = mode != "eager_torch_attention"
+            runner.forward(steps[name])
         return run
 
-    keys = [(name, mode) for name in steps for mode in ("eager", "compiled")] + [("decode_16", "eager_torch")]
-    fns = [timed(steps[name], compiled if mode == "compiled" else None, None if mode == "eager_torch" else
-                 kernel_max_run) for name, mode in keys]
+    keys = ([(name, mode) for name in steps for mode in ("eager", "compiled")] + [("decode_16", "eager_torch")] +
+            [(name, "eager_torch_attention") for name in ("decode_base", "decode_16")])
     with torch.inference_mode():
-        times = rotated_times(fns, args.reps, inner=3)
-    runner.compiled = compiled
-    runner.kernel_max_run = kernel_max_run
+        times = rotated_times([timed(name, mode) for name, mode in keys], args.reps, inner=3)
+    runner.compiled, runner.kernel_max_run, runner.attention_kernel = compiled, kernel_max_run, True
     t = {f"{name}_{mode}": s * 1e3 for (name, mode), s in zip(keys, times, strict=True)}
     out = {f"{dtype}_{k}_ms": v for k, v in t.items()}
     for kind in ("decode", "prefill"):
@@ -119,6 +122,9 @@ def bench_dtype(dtype: str, args) -> dict:
             out[f"{dtype}_{kind}_{rows}_compiled_vs_eager"] = t[f"{kind}_{rows}_compiled"] / t[f"{kind}_{rows}_eager"]
     out[f"{dtype}_decode_16_vs_base_eager_torch"] = t["decode_16_eager_torch"] / t["decode_base_eager"]
     out[f"{dtype}_decode_16_kernels_vs_torch_eager"] = t["decode_16_eager"] / t["decode_16_eager_torch"]
+    for rows in ("base", "16"):
+        out[f"{dtype}_decode_{rows}_attention_kernel_vs_torch_eager"] = (
+            t[f"decode_{rows}_eager"] / t[f"decode_{rows}_eager_torch_attention"])
     floor_ms = side_path_bytes(runner, specs) / read_bandwidth(args.reps) * 1e3
     out[f"{dtype}_decode_side_path_floor_ms"] = floor_ms
     out[f"{dtype}_decode_16_floor_vs_base_compiled"] = 1 + floor_ms / t["decode_base_compiled"]

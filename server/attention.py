@@ -2,8 +2,10 @@
 
 A step packs the new tokens of all sequences into one [1, N] batch (decode tokens and prefill chunks mixed).
 Keys and values are written in place at each token's arena position; nothing is re-padded or copied between
-steps. Decode tokens attend in one batched call per block order, over the blocks of that order they occupy
-(rows of a strided view of the arena); prefill chunks attend per sequence (SDPA).
+steps. On CPU decode tokens attend through loramux's kernel (csrc/decode_attention.cpp: one call per layer, each
+token over its own sequence's keys in place); elsewhere, or where the kernel cannot be built, in one batched call
+per block order over the blocks of that order they occupy (rows of a strided view of the arena: the plain-torch
+path the kernel is tested against). Prefill chunks attend per sequence (SDPA).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from server import native
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
 from server.step_context import running
@@ -40,17 +43,38 @@ class AttnMeta:
     cache: KVCache
     slots: torch.Tensor  # [N] long: arena position of each token (its block's first token + its position)
     positions: torch.Tensor  # [N] long: position of each token in its sequence
-    decode: tuple[DecodeGroup, ...]
+    decode: tuple[DecodeGroup, ...]  # the torch path's groups; empty where `decode_rows` is set
+    decode_rows: torch.Tensor | None  # [n, 3] long CPU (token, block's first arena token, length): the kernel's
     prefills: tuple[tuple[int, int, int, int], ...]  # (start, end, block's first arena token, pos0) chunks
 
 
+def kernel_available() -> bool:
+    """Build (once) and load the CPU decode-attention kernel; False (with a warning) where it cannot be."""
+    return native.build("decode_attention.cpp", "loramux_attention", "decode_attention",
+                        "decode attention runs through torch's batched matmuls")
+
+
 def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], decode: list[int],
-                    prefills: list[tuple[int, int, Block, int]], device: torch.device) -> AttnMeta:
+                    prefills: list[tuple[int, int, Block, int]], device: torch.device,
+                    kernel: bool = False) -> AttnMeta:
     """blocks: each packed token's sequence's block; decode: packed indices of single decode tokens (one per
-    sequence); prefills: (start, end, block, pos0) chunks."""
+    sequence); prefills: (start, end, block, pos0) chunks; kernel: decode tokens through the CPU kernel."""
     as_long = dict(dtype=torch.long, device=device)
     unit = cache.unit
     slots = [b.start * unit + p for b, p in zip(blocks, positions, strict=True)]
+    rows = None
+    if kernel:
+        rows = torch.tensor([(i, blocks[i].start * unit, positions[i] + 1) for i in decode], dtype=torch.long)
+    return AttnMeta(cache=cache, slots=torch.tensor(slots, **as_long), positions=torch.tensor(positions, **as_long),
+                    decode=() if kernel else _decode_groups(blocks, positions, decode, device),
+                    decode_rows=None if rows is None else rows.view(-1, 3),
+                    prefills=tuple((s, e, b.start * unit, p) for s, e, b, p in prefills))
+
+
+def _decode_groups(blocks: list[Block], positions: list[int], decode: list[int],
+                   device: torch.device) -> tuple[DecodeGroup, ...]:
+    """The torch path's decode tokens, by the order of their sequences' blocks."""
+    as_long = dict(dtype=torch.long, device=device)
     by_order: dict[int, list[int]] = {}
     for i in decode:
         by_order.setdefault(blocks[i].order, []).append(i)
@@ -65,8 +89,7 @@ def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], d
             mask[r - lo, :n] = True
         groups.append(DecodeGroup(order, torch.tensor(idx, **as_long), torch.tensor([r - lo for r in rows], **as_long),
                                   lo, span, mask.view(span, 1, 1, length).to(device), length))
-    return AttnMeta(cache=cache, slots=torch.tensor(slots, **as_long), positions=torch.tensor(positions, **as_long),
-                    decode=tuple(groups), prefills=tuple((s, e, b.start * unit, p) for s, e, b, p in prefills))
+    return tuple(groups)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -93,6 +116,10 @@ def attend(meta: AttnMeta, layer: int, query: torch.Tensor, key: torch.Tensor, v
     n, heads, dim = query.shape[2], query.shape[1], query.shape[3]
     gqa = heads != kc.shape[0]
     out = query.new_empty(n, heads, dim)  # [N, H, D]
+    if meta.decode_rows is not None and len(meta.decode_rows):
+        q = query[0].transpose(0, 1)  # [N, H, D]
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        torch.ops.loramux_attention.decode_attention(q, kc, vc, meta.decode_rows, scaling, out)
     for g in meta.decode:
         _decode(meta.cache, layer, g, query, out, scaling)
     for start, end, first, pos0 in meta.prefills:

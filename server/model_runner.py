@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters_store.prompt import ModelGeometry
-from server.attention import build_attn_meta, register
+from server.attention import build_attn_meta, kernel_available, register
 from server.compiled import compile_backbone
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
@@ -78,11 +78,12 @@ class ModelRunner:
 
     `compile`: the backbone runs under torch.compile (server/compiled.py); call `warm_up` before serving.
     `lora_kernels`: on CPU, the short runs of a step's side paths (decode rows) go to loramux's kernels
-    (server/lora/kernels.py, built on first use), the rest to torch's matmuls."""
+    (server/lora/kernels.py, built on first use), the rest to torch's matmuls.
+    `attention_kernel`: on CPU, decode tokens attend through loramux's kernel (server/attention.py)."""
 
     def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_model_len: int,
                  kv_tokens: int, on_slot_load: Callable[[float], None] | None = None, prepack: bool = False,
-                 compile: bool = False, lora_kernels: bool = True):
+                 compile: bool = False, lora_kernels: bool = True, attention_kernel: bool = True):
         self.model = model
         self.backbone = model.base_model
         self.head = model.get_output_embeddings()
@@ -94,6 +95,7 @@ class ModelRunner:
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
         use_kernels = lora_kernels and self.device.type == "cpu" and self.lora.dtype == torch.float32
         self.kernel_max_run = kernels.MAX_RUN if use_kernels and kernels.load() else None
+        self.attention_kernel = attention_kernel and self.device.type == "cpu" and kernel_available()
         model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)
@@ -139,7 +141,8 @@ class ModelRunner:
                          weighted=step.weighted, rescaled_slots=self.slots.rescaled_slots(),
                          merged_slot=self.slots.merged_slot, device=self.device,
                          kernel_max_run=self.kernel_max_run)
-        attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device)
+        attn = build_attn_meta(self.cache, step.blocks, step.positions, step.decode, step.prefills, self.device,
+                               kernel=self.attention_kernel)
         return StepContext(attn=attn, lora=lora)
 
     @torch.inference_mode()

@@ -47,7 +47,8 @@ class Core:
 def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: EngineConfig, *, max_loras: int,
                max_rank: int, max_cpu_loras: int, limits: ValidationLimits | None = None,
                metrics: Metrics | None = None, tenants: TenantPolicy | None = None, prepack: bool = True,
-               compile: bool = False, lora_kernels: bool = True, reader: bool = False) -> Core:
+               compile: bool = False, lora_kernels: bool = True, attention_kernel: bool = True,
+               reader: bool = False) -> Core:
     """The engine over `model`, its LoRA slots and the adapter store at `adapters_dir` (indexed now; with
     `reader`, a read-only view of a store another process writes, as a cluster replica has). `compile`: the
     step's graphs are built here, before the engine starts (server/compiled.py)."""
@@ -56,7 +57,8 @@ def build_core(model: PreTrainedModel, tokenizer, adapters_dir: Path, config: En
     limits = limits or ValidationLimits(max_rank=max_rank)
     runner = ModelRunner(model, max_loras=max_loras, max_rank=max_rank, max_model_len=config.max_model_len,
                          kv_tokens=config.kv_cache_tokens, on_slot_load=metrics.load_observer("device"),
-                         prepack=prepack, compile=compile, lora_kernels=lora_kernels)
+                         prepack=prepack, compile=compile, lora_kernels=lora_kernels,
+                         attention_kernel=attention_kernel)
     if compile:  # the graphs are built at the engine's thread count (dynamo guards it)
         metrics.compile_seconds.set(on_fresh_thread(runner.warm_up, config.threads))
     parse = adapter_parser(runner.lora.shapes, limits, runner.geometry)
@@ -159,7 +161,8 @@ def build_engine_core(settings: Settings, keys: KeyTable | None,
     core = build_core(loaded.model, loaded.tokenizer, settings.adapters_dir, engine_config(settings),
                       max_loras=settings.max_loras, max_rank=settings.max_rank,
                       max_cpu_loras=settings.max_cpu_loras, limits=limits, tenants=tenants, prepack=settings.prepack,
-                      compile=settings.compile, lora_kernels=settings.lora_kernels, reader=reader)
+                      compile=settings.compile, lora_kernels=settings.lora_kernels,
+                      attention_kernel=settings.attention_kernel, reader=reader)
     return loaded, tenants, core
 
 

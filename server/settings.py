@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     lora_kernels: bool = Field(True, description="CPU: the side paths of decode rows through loramux's SGMV "
                                                  "kernels (built with the C++ compiler on first start, ~15 s); "
                                                  "off: torch's batched matmuls")
+    attention_kernel: bool = Field(True, description="CPU: decode tokens attend through loramux's kernel (built "
+                                                     "like the SGMV kernels), each over its own keys in place; "
+                                                     "off: torch's batched matmuls")
     max_loras: int = Field(16, ge=1, description="adapters resident in device slots")
     max_cpu_loras: int = Field(64, ge=0, description="adapters kept in host memory")
     max_rank: int = Field(64, ge=1)

@@ -1,4 +1,5 @@
-"""Packed attention over the row KV cache against a per-token float64 loop, in fp32 and bf16."""
+"""Packed attention over the KV arena against a per-token float64 loop, in fp32 and bf16, through torch's batched
+matmuls and through loramux's CPU decode-attention kernel (server/csrc/decode_attention.cpp)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from server.attention import build_attn_meta, packed_attention
+from server.attention import build_attn_meta, kernel_available, packed_attention
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
 from server.step_context import ForwardContext, StepContext
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # bf16: the output's own rounding
+PATHS = {"torch": False, "kernel": True}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernel_available(), "the decode-attention kernel did not build (see the warning)"
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -27,9 +34,9 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
 class Packed:
     """Runs steps through packed_attention and keeps every row's keys and values for the reference."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, kernel: bool):
         self.cache = KVCache(1, 4 * 32, KV_HEADS, DIM, 32, dtype, torch.device("cpu"), unit=8)  # 4 blocks of 32
-        self.dtype = dtype
+        self.dtype, self.kernel = dtype, kernel
         self.history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> ([T, Hkv, D], [T, Hkv, D])
         self.gen = torch.Generator().manual_seed(0)
 
@@ -40,7 +47,7 @@ class Packed:
         q, k, v = (torch.randn(1, h, n, DIM, generator=self.gen).to(self.dtype) for h in (HEADS, KV_HEADS, KV_HEADS))
         blocks = [Block(r * 4, 2) for r in rows]  # row r: the r-th block of 4 units of 8 tokens
         chunks = [(s, e, Block(r * 4, 2), p) for s, e, r, p in prefills]
-        meta = build_attn_meta(self.cache, blocks, positions, decode, chunks, torch.device("cpu"))
+        meta = build_attn_meta(self.cache, blocks, positions, decode, chunks, torch.device("cpu"), kernel=self.kernel)
         context = ForwardContext()
         with context.bind(StepContext(attn=meta, lora=None)):
             out = packed_attention(SimpleNamespace(layer_idx=0), q, k, v, None, scaling=DIM**-0.5)[0]
@@ -52,9 +59,10 @@ class Packed:
                 for t, (row, pos) in enumerate(zip(rows, positions, strict=True))]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_then_decode_equal_the_per_token_loop(dtype):
-    attn = Packed(dtype)
+def test_prefill_then_decode_equal_the_per_token_loop(dtype, path):
+    attn = Packed(dtype, PATHS[path])
     results = attn.step([0] * 5 + [2] * 3, [*range(5), *range(3)], [], [(0, 5, 0, 0), (5, 8, 2, 0)])
     # Row 1 lies between the decoding rows but is not decoding; row 3 prefills a chunk in the same step.
     results += attn.step([0, 2, 3, 3], [5, 3, 0, 1], [0, 1], [(2, 4, 3, 0)])
@@ -62,3 +70,56 @@ def test_prefill_then_decode_equal_the_per_token_loop(dtype):
     for out, ref in results:
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, atol=TOLERANCE[dtype], rtol=0)
+
+
+def kernel_out(q, kc, vc, rows, scaling):
+    out = torch.full_like(q, 7.0)  # rows no decode token names keep this
+    torch.ops.loramux_attention.decode_attention(q, kc, vc, torch.tensor(rows, dtype=torch.long), scaling, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 6, 20), (24, 2, 8)])  # 20: a partial vector
+def test_kernel_over_model_geometries(dtype, heads, kv_heads, dim):
+    """The default model's heads (9 over 3 of 64), no GQA with a head_dim that is not whole vectors, and more
+    query heads per KV head than the kernel sums at once; keys from 1 to 150, one rounding of the output."""
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = (torch.randn(kv_heads, 300, dim, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(6, heads, dim, generator=gen).to(dtype)
+    rows = [(0, 0, 1), (2, 10, 37), (3, 50, 150), (5, 299, 1), (4, 200, 9)]  # token 1 is not decoding
+    out = kernel_out(q, kc, vc, rows, dim**-0.5)
+    group = heads // kv_heads
+    for token, first, length in rows:
+        k, v = (t[:, first : first + length].double().repeat_interleave(group, 0) for t in (kc, vc))  # [H, T, D]
+        scores = torch.einsum("hd,htd->ht", q[token].double(), k) * dim**-0.5
+        ref = torch.einsum("ht,htd->hd", scores.softmax(-1), v)
+        err = (out[token].double() - ref).abs()
+        bound = 1e-5 if dtype == torch.float32 else ref.abs() * 2**-8 + 1e-5  # bf16: half an ulp of rounding, once
+        assert (err <= bound).all(), f"token {token}: max error {err.max():.3g}"
+    assert (out[1] == 7).all()
+
+
+def test_kernel_reads_only_each_sequences_keys():
+    """NaN and inf past a sequence's length (a block's stale tail, a neighbour's keys) never reach its output."""
+    gen = torch.Generator().manual_seed(2)
+    kc, vc = (torch.randn(2, 64, 8, generator=gen) for _ in range(2))
+    clean = kernel_out(q := torch.randn(2, 4, 8, generator=gen), kc, vc, [(0, 16, 5), (1, 32, 16)], 0.3)
+    for t in (kc, vc):
+        t[:, :16] = float("nan")
+        t[:, 21:32] = float("inf")
+        t[:, 48:] = float("-inf")
+    torch.testing.assert_close(kernel_out(q, kc, vc, [(0, 16, 5), (1, 32, 16)], 0.3), clean, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([(2, 0, 4)], "token 2 outside 0..2"),
+    ([(0, 60, 5)], "keys 60\\+5 outside the arena's 64"),
+    ([(0, 0, 0)], "keys 0\\+0 outside"),
+])
+def test_kernel_rejects_rows_outside_the_step_or_the_arena(rows, message):
+    kc = vc = torch.zeros(2, 64, 8)
+    q = torch.zeros(2, 4, 8)
+    out = torch.full_like(q, 7.0)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.loramux_attention.decode_attention(q, kc, vc, torch.tensor(rows), 1.0, out)
+    assert (out == 7).all()  # checked before anything is written

@@ -34,7 +34,7 @@ from server.model_runner import ModelRunner
 
 @pytest.fixture(scope="module", params=RUNNER_VARIANTS, ids=RUNNER_IDS)
 def setup(request, tmp_path_factory):
-    arch, prepack, compiled, lora_kernels = request.param
+    arch, prepack, compiled, kernels = request.param
     if arch == "llama":
         base, specs = tiny_llama(), {**DORA_LLAMA, "attn_r4": LLAMA_ADAPTERS["attn_r4"],
                                      "all_r16": LLAMA_ADAPTERS["all_r16"]}
@@ -47,9 +47,10 @@ def setup(request, tmp_path_factory):
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(f"dora-{arch}"))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
-                         prepack=prepack, compile=compiled, lora_kernels=lora_kernels)
+                         prepack=prepack, compile=compiled, lora_kernels=kernels,
+                         attention_kernel=kernels)
     warm_up_checked(runner, compiled)
-    assert (runner.kernel_max_run is not None) == lora_kernels  # built, or the test fails
+    assert (runner.kernel_max_run is not None) == kernels == runner.attention_kernel  # built, or the test fails
     return runner, aset, pin_adapters(runner, aset.dirs)
 
 

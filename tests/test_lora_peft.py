@@ -34,13 +34,14 @@ def block(row: int) -> Block:
 
 @pytest.fixture(scope="module", params=RUNNER_VARIANTS, ids=RUNNER_IDS)
 def setup(request, tmp_path_factory):
-    arch, prepack, compiled, lora_kernels = request.param
+    arch, prepack, compiled, kernels = request.param
     base, specs = (tiny_llama(), LLAMA_ADAPTERS) if arch == "llama" else (tiny_gpt2(), GPT2_ADAPTERS)
     aset = make_adapters(copy.deepcopy(base), specs, tmp_path_factory.mktemp(arch))
     runner = ModelRunner(copy.deepcopy(base), max_loras=8, max_rank=16, max_model_len=128, kv_tokens=12 * 128,
-                         prepack=prepack, compile=compiled, lora_kernels=lora_kernels)
+                         prepack=prepack, compile=compiled, lora_kernels=kernels,
+                         attention_kernel=kernels)
     warm_up_checked(runner, compiled)
-    assert (runner.kernel_max_run is not None) == lora_kernels  # built, or the test fails
+    assert (runner.kernel_max_run is not None) == kernels == runner.attention_kernel  # built, or the test fails
     calls = runner.context.opaque_calls
     yield runner, aset, pin_adapters(runner, aset.dirs)
     assert (runner.context.opaque_calls > calls) == compiled  # the tests' steps ran the compiled graph

@@ -131,8 +131,8 @@ def load_parsed(name: str, path: Path, target_shapes, max_rank: int = 64) -> Lor
     return parse_adapter(name, config, weights, target_shapes, ValidationLimits(max_rank=max_rank))
 
 
-# (architecture, prepack, compile, lora_kernels) of the runner-level PEFT-oracle tests, and their ids: the plain
-# runners take torch's side paths, the others loramux's CPU kernels for short runs (the default)
+# (architecture, prepack, compile, kernels) of the runner-level PEFT-oracle tests, and their ids: the plain
+# runners take torch's side paths and decode attention, the others loramux's CPU kernels (the default)
 RUNNER_VARIANTS = [("llama", False, False, False), ("gpt2", False, False, False), ("llama", True, False, True),
                    ("gpt2", True, False, True), ("llama", True, True, True), ("gpt2", True, True, True)]
 RUNNER_IDS = ["llama", "gpt2", "llama-prepacked-kernels", "gpt2-prepacked-kernels", "llama-compiled-kernels",

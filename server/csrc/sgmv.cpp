@@ -15,7 +15,15 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using loramux::hsum;
+using loramux::kLanes;
+using loramux::load;
+using loramux::store;
+using loramux::Vec;
 
 constexpr int64_t kRows = 16;     // A rows (rank x member) of one shrink work item
 constexpr int64_t kMinCols = 64;  // fewest output columns of one expand work item
@@ -23,24 +31,6 @@ constexpr int64_t kRanks = 8;     // ranks (rows of B) of one expand tile
 constexpr int64_t kTokens = 4;    // tokens of one expand tile
 // Every call splits over the intra-op threads, however small: in the model's decode step that measured
 // 0.97x the step time of running small calls on the calling thread, although an isolated small call is faster there.
-
-// 8 floats: GCC and Clang lower it to the registers -march allows (AVX2 or AVX-512; two SSE or NEON registers)
-typedef float Vec __attribute__((vector_size(32)));
-constexpr int64_t kLanes = sizeof(Vec) / sizeof(float);
-
-inline Vec load(const float* p) {
-  Vec v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof v); }
-
-inline float hsum(Vec v) {
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
 
 struct Run {
   int64_t start, end, slot, rank, off;
