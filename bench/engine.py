@@ -203,6 +203,7 @@ def bench_dtype(dtype: str, args, sizes: Sizes) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         engine, records = build_engine(loaded.model, tokenizer, peft, sizes.names, Path(tmp), args.threads,
                                        args.max_batch_size, args.max_tokens_per_step, args.compile)
+        engine.runner.attention_kernel &= args.attention_kernel  # read at each step (a built kernel stays built)
         try:
             log(f"[{dtype}] warm-up")
             warm_up(engine, records, prompts)
@@ -318,6 +319,8 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-step", type=int, default=512)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="the compiled step (the server's --compile; its default is eager)")
+    ap.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="CPU decode attention through loramux's kernel (the server's default), or torch's path")
     ap.add_argument("--kinds", action="store_true", help="W1 over adapters of mixed kinds (LoRA, DoRA, IA3, "
                     "compositions) against W1 over plain LoRA (bench/engine_kinds.py)")
     ap.add_argument("--json", dest="json_path")
@@ -338,7 +341,7 @@ def run_benchmark(args, sizes: Sizes, bench: Callable[..., tuple[dict, dict]],
     torch.manual_seed(SEED)
     results: dict = {"model": "SmolLM2-135M-Instruct", "threads": engine_threads(args.threads),
                      "requests": sizes.requests, "new_tokens": sizes.new_tokens, "adapters": sizes.adapters,
-                     "compile": args.compile}
+                     "compile": args.compile, "attention_kernel": args.attention_kernel}
     tables: dict[str, dict] = {}
     for dtype in args.dtypes:
         out, tables[dtype] = bench(dtype, args, sizes)
