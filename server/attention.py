@@ -48,10 +48,18 @@ class AttnMeta:
     prefills: tuple[tuple[int, int, int, int], ...]  # (start, end, block's first arena token, pos0) chunks
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/decode_attention.cpp reads
+
+
 def kernel_available() -> bool:
     """Build (once) and load the CPU decode-attention kernel; False (with a warning) where it cannot be."""
     return native.build("decode_attention.cpp", "loramux_attention", "decode_attention",
                         "decode attention runs through torch's batched matmuls")
+
+
+def kernel_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` decodes through the kernel (built here on first use)."""
+    return device.type == "cpu" and dtype in KERNEL_DTYPES and kernel_available()
 
 
 def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], decode: list[int],
@@ -62,12 +70,10 @@ def build_attn_meta(cache: KVCache, blocks: list[Block], positions: list[int], d
     as_long = dict(dtype=torch.long, device=device)
     unit = cache.unit
     slots = [b.start * unit + p for b, p in zip(blocks, positions, strict=True)]
-    rows = None
-    if kernel:
-        rows = torch.tensor([(i, blocks[i].start * unit, positions[i] + 1) for i in decode], dtype=torch.long)
+    rows = [(i, blocks[i].start * unit, positions[i] + 1) for i in decode] if kernel else None
     return AttnMeta(cache=cache, slots=torch.tensor(slots, **as_long), positions=torch.tensor(positions, **as_long),
                     decode=() if kernel else _decode_groups(blocks, positions, decode, device),
-                    decode_rows=None if rows is None else rows.view(-1, 3),
+                    decode_rows=None if rows is None else torch.tensor(rows, dtype=torch.long).view(-1, 3),
                     prefills=tuple((s, e, b.start * unit, p) for s, e, b, p in prefills))
 
 

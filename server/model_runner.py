@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters_store.prompt import ModelGeometry
-from server.attention import build_attn_meta, kernel_available, register
+from server.attention import build_attn_meta, kernel_serves, register
 from server.compiled import compile_backbone
 from server.gemm import PackedLinear, prepack_supported
 from server.kv_blocks import Block
@@ -95,7 +95,7 @@ class ModelRunner:
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
         use_kernels = lora_kernels and self.device.type == "cpu" and self.lora.dtype == torch.float32
         self.kernel_max_run = kernels.MAX_RUN if use_kernels and kernels.load() else None
-        self.attention_kernel = attention_kernel and self.device.type == "cpu" and kernel_available()
+        self.attention_kernel = attention_kernel and kernel_serves(self.device, self.dtype)
         model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))
         layers, kv_heads, head_dim = kv_geometry(model)

@@ -7,10 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from server.attention import build_attn_meta, kernel_available, packed_attention
 from server.kv_blocks import Block
 from server.kv_cache import KVCache
+from server.lora.plan import NO_ADAPTER
+from server.model_runner import ModelRunner, StepInput
 from server.step_context import ForwardContext, StepContext
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -123,3 +126,14 @@ def test_kernel_rejects_rows_outside_the_step_or_the_arena(rows, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.loramux_attention.decode_attention(q, kc, vc, torch.tensor(rows), 1.0, out)
     assert (out == 7).all()  # checked before anything is written
+
+
+def test_a_float16_model_decodes_through_torchs_path():
+    """The kernel reads float32 and bfloat16 only: a float16 model on CPU takes the torch path, and decodes."""
+    runner = ModelRunner(tiny_llama().half(), max_loras=2, max_rank=8, max_model_len=64, kv_tokens=64)
+    assert not runner.attention_kernel
+    block = Block(0, 2)
+    runner.forward(StepInput([1, 2, 3], [block] * 3, [0, 1, 2], [NO_ADAPTER] * 3, prefills=[(0, 3, block, 0)],
+                             logits_idx=[2]))
+    logits = runner.forward(StepInput([4], [block], [3], [NO_ADAPTER], decode=[0], logits_idx=[0]))
+    assert logits.shape == (1, 96) and torch.isfinite(logits).all()

@@ -6,7 +6,7 @@
 //
 // A token is a row of `rows` [n, 3] int64: (token, first, length): query and output row `token` of the step,
 // keys first..first+length-1 of the arena. The Python side (server/attention.py) keeps the plain-torch path these
-// are tested against (tests/test_decode_attention.py).
+// are tested against (tests/test_attention.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,11 +21,7 @@
 
 namespace {
 
-using loramux::hsum;
-using loramux::kLanes;
-using loramux::load;
-using loramux::store;
-using loramux::Vec;
+using namespace loramux;
 
 typedef int32_t IVec __attribute__((vector_size(sizeof(Vec))));
 

@@ -19,11 +19,7 @@
 
 namespace {
 
-using loramux::hsum;
-using loramux::kLanes;
-using loramux::load;
-using loramux::store;
-using loramux::Vec;
+using namespace loramux;
 
 constexpr int64_t kRows = 16;     // A rows (rank x member) of one shrink work item
 constexpr int64_t kMinCols = 64;  // fewest output columns of one expand work item
