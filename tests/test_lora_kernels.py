@@ -64,6 +64,50 @@ def test_a_bf16_output_takes_each_runs_float32_sum_rounded_once():
         assert not torch.equal(direct, y)
 
 
+def test_member_ranks_bound_what_each_member_reads():
+    """member_ranks: a run reads member m's A and B rows only up to its slot's rank for m (0: none at all); the
+    rows past it hold NaN here and reach no output."""
+    x, A, B = tensors(3)
+    member_ranks = torch.tensor([[3, 0], [7, 7], [16, 9], [0, 1]])  # [S, M]
+    for slot in range(S):
+        for j in range(M):
+            A[slot, member_ranks[slot, j]:, j] = float("nan")
+    B_member = [B.clone() for _ in range(M)]  # each member's B, NaN past that member's rank
+    for j, b in enumerate(B_member):
+        for slot in range(S):
+            b[slot, member_ranks[slot, j]:] = float("nan")
+    runs = torch.tensor(RUNS)
+    xa = kernels.shrink(x, A, runs, 11, member_ranks)
+    y = torch.randn(9, D_OUT)
+    for j in range(M):
+        yj = y.clone()
+        kernels.expand(yj, xa, B_member[j], runs, torch.tensor(WEIGHTS), j, M, member_ranks)
+        ref = y.double().clone()
+        for (start, end, slot, rank, _), w in zip(RUNS, WEIGHTS, strict=True):
+            r = min(rank, int(member_ranks[slot, j]))
+            ref[start:end] += w * (x[start:end].double() @ A[slot, :r, j].double().T) @ B_member[j][slot, :r].double()
+        torch.testing.assert_close(yj.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ranks, message", [
+    (torch.tensor([[3, 0], [7, 7], [17, 9], [0, 1]]), r"member_ranks\[2, 0\] = 17 outside 0..16"),
+    (torch.tensor([[3, 0], [7, -1], [1, 9], [0, 1]]), r"member_ranks\[1, 1\] = -1"),
+    (torch.zeros(3, 2, dtype=torch.long), r"member_ranks must be a contiguous \[4, 2\] int64"),
+    (torch.zeros(4, 2, dtype=torch.int32), r"member_ranks must be a contiguous \[4, 2\] int64"),
+])
+def test_bad_member_ranks_are_refused_and_nothing_written(ranks, message):
+    x, A, B = tensors()
+    runs = torch.tensor(RUNS)
+    with pytest.raises(RuntimeError, match=message):
+        kernels.shrink(x, A, runs, 11, ranks)
+    xa = kernels.shrink(x, A, runs, 11)
+    y = torch.randn(9, D_OUT)
+    before = y.clone()
+    with pytest.raises(RuntimeError, match=message):
+        kernels.expand(y, xa, B, runs, torch.tensor(WEIGHTS), 0, M, ranks)
+    assert torch.equal(y, before)
+
+
 def test_no_runs_leave_y_unchanged():
     x, A, B = tensors()
     none = torch.zeros(0, 5, dtype=torch.long)

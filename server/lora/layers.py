@@ -51,7 +51,8 @@ class ProjectionGroup:
         self.L = [torch.ones(n_slots, sh.d_in, **kw) for sh in shapes]  # IA3 input scales (feed-forward modules)
         self.input_slots: list[set[int]] = [set() for _ in names]  # per member: slots with IA3 input scales
         self.original: Callable[[str], torch.Tensor] | None = None  # unmerged base weight by name (the runtime's)
-        self.views = BufferViews(self.A, self.B)
+        self.member_ranks = torch.zeros(n_slots, len(names), dtype=torch.long)  # the rank each slot holds per member
+        self.views = BufferViews(self.A, self.B, self.member_ranks)
 
     def write(self, slot: int, adapter: LoraAdapter) -> bool:
         """Copy the adapter's weights of this group's members into `slot` (and, for DoRA, compute their row
@@ -63,6 +64,7 @@ class ProjectionGroup:
             if w is None:
                 continue
             r = w.A.shape[0]
+            self.member_ranks[slot, j] = r
             self.A[slot, :r, j].copy_(w.A)
             self.B[j][slot, :r].copy_(w.B.float().mul(w.scale).T)
             if w.magnitude is not None:
@@ -92,6 +94,7 @@ class ProjectionGroup:
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
+        self.member_ranks[slot] = 0
         for j, (b, g, c) in enumerate(zip(self.B, self.G, self.C, strict=True)):
             b[slot].zero_()
             g[slot].fill_(1.0)

@@ -38,6 +38,7 @@ class BufferViews:
 
     A: torch.Tensor
     B: list[torch.Tensor]
+    member_ranks: torch.Tensor | None = None  # [S, M] int64 CPU: each slot's rank per member (for the kernels)
     _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def a(self, lo: int, n: int, r: int) -> torch.Tensor:
@@ -119,7 +120,7 @@ def shrink(x: torch.Tensor, views: BufferViews, plan: LoraPlan) -> Shrunk:
         start, end, slot = plan.subtract
         sub = _members_first(x[start:end] @ views.a(slot, 0, plan.subtract_rank).T, views.A.shape[2])
     seg = plan.segments
-    xa = None if seg is None else kernels.shrink(x, views.A, seg.runs, seg.rows)
+    xa = None if seg is None else kernels.shrink(x, views.A, seg.runs, seg.rows, views.member_ranks)
     return Shrunk([_shrink_part(x, views, part) for part in plan.parts], sub, xa)
 
 
@@ -156,7 +157,8 @@ def expand(y: torch.Tensor, s: Shrunk, member: int, views: BufferViews, plan: Lo
         start, end, slot = plan.subtract
         _add_product(acc[start:end], s.subtract[member], views.b(member, slot, 0, plan.subtract_rank), alpha=-1)
     if s.segments is not None:
-        kernels.expand(acc, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2])
+        kernels.expand(acc, s.segments, views.B[member], seg.runs, seg.weights, member, views.A.shape[2],
+                       views.member_ranks)
     if buffered:
         y.add_(acc)
 
