@@ -17,6 +17,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "table.h"
 #include "vec.h"
 
 namespace {
@@ -189,10 +190,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kc, const at::T
   TORCH_CHECK(vc.sizes() == kc.sizes() && kc.size(2) == D, "keys ", kc.sizes(), " and values ", vc.sizes(),
               " must be [kv_heads, tokens, ", D, "]");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, H, " query heads do not share ", Hkv, " KV heads evenly");
-  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(1) == 3 &&
-                  rows.is_contiguous(),
-              "rows must be a contiguous [n, 3] int64 CPU tensor");
-  const int64_t* p = rows.data_ptr<int64_t>();
+  const int64_t* p = int64_table(rows, "rows", -1, 3);
   std::vector<Row> rs(rows.size(0));
   for (size_t i = 0; i < rs.size(); ++i) {
     const Row r{p[3 * i], p[3 * i + 1], p[3 * i + 2]};

@@ -19,6 +19,7 @@
 #include <optional>
 #include <vector>
 
+#include "table.h"
 #include "vec.h"
 
 #ifndef LMX_SPLIT
@@ -41,10 +42,7 @@ struct Run {
 
 std::vector<Run> read_runs(const at::Tensor& runs, int64_t n_tokens, int64_t n_slots, int64_t max_rank,
                            int64_t rows) {
-  TORCH_CHECK(runs.device().is_cpu() && runs.scalar_type() == at::kLong && runs.dim() == 2 && runs.size(1) == 5 &&
-                  runs.is_contiguous(),
-              "runs must be a contiguous [n, 5] int64 CPU tensor");
-  const int64_t* p = runs.data_ptr<int64_t>();
+  const int64_t* p = int64_table(runs, "runs", -1, 5);
   std::vector<Run> out(runs.size(0));
   for (size_t i = 0; i < out.size(); ++i) {
     Run r{p[5 * i], p[5 * i + 1], p[5 * i + 2], p[5 * i + 3], p[5 * i + 4]};
@@ -63,11 +61,8 @@ std::vector<Run> read_runs(const at::Tensor& runs, int64_t n_tokens, int64_t n_s
 // member at the run's rank.
 std::vector<int64_t> read_member_ranks(const std::optional<at::Tensor>& t, int64_t S, int64_t M, int64_t R) {
   if (!t.has_value()) return {};
-  const at::Tensor& m = *t;
-  TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kLong && m.dim() == 2 && m.size(0) == S &&
-                  m.size(1) == M && m.is_contiguous(),
-              "member_ranks must be a contiguous [", S, ", ", M, "] int64 CPU tensor");
-  std::vector<int64_t> out(m.data_ptr<int64_t>(), m.data_ptr<int64_t>() + S * M);
+  const int64_t* p = int64_table(*t, "member_ranks", S, M);
+  std::vector<int64_t> out(p, p + S * M);
   for (int64_t i = 0; i < S * M; ++i)
     TORCH_CHECK(0 <= out[i] && out[i] <= R, "member_ranks[", i / M, ", ", i % M, "] = ", out[i], " outside 0..", R);
   return out;
