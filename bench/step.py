@@ -7,7 +7,8 @@ Steps, packed as the engine packs them (rows grouped by rank bucket, then slot):
 Each is timed with base-model rows and with the 16 adapters (4 rows each), eagerly and through the compiled
 step (the same runner, weights and slots: only the backbone function differs), all in rotation, medians; the
 16-adapter steps also eagerly with the side paths through torch's matmuls instead of loramux's CPU kernels
-(`--no-lora-kernels`; the prefill's runs of 64 tokens take torch's GEMMs either way), and both decode steps
+(`--no-lora-kernels`, except that a bf16 model's slot weights stay bf16 here; the prefill's runs of 64 tokens
+take torch's GEMMs either way), and both decode steps
 eagerly with decode attention through torch's batched matmuls instead of loramux's kernel (`--no-attention-kernel`).
 Also the floor of the side paths: the bytes of the slot weights one step reads (each adapter's A and B at its
 bucket's rank, for the projections it targets), over the read bandwidth measured in the same run.

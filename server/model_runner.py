@@ -90,11 +90,12 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = ForwardContext()
-        self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack)  # probes the model: before attention
+        use_kernels = lora_kernels and self.device.type == "cpu" and kernels.load()
+        self.kernel_max_run = kernels.MAX_RUN if use_kernels else None
+        self.lora = LoraRuntime(model, max_loras, max_rank, self.context, prepack,  # probes the model: before attention
+                                kernels=use_kernels)
         self.head_gemm = PackedLinear(self.head) if prepack and prepack_supported(self.head.weight) else self.head
         self.slots = SlotTable(max_loras, self.lora, on_load=on_slot_load)
-        use_kernels = lora_kernels and self.device.type == "cpu" and self.lora.dtype == torch.float32
-        self.kernel_max_run = kernels.MAX_RUN if use_kernels and kernels.load() else None
         self.attention_kernel = attention_kernel and kernel_serves(self.device, self.dtype)
         model.set_attn_implementation(register())
         self.max_model_len = min(max_model_len, context_limit(model))

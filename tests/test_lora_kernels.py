@@ -19,20 +19,27 @@ def built():
     assert kernels.load(), "the LoRA CPU kernels did not build (see the warning)"
 
 
-def tensors(seed: int = 0):
+def tensors(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """x [9, D_IN], A [S, R, M, D_IN], B [S, R, D_OUT] in `dtype` (the slot weights' and x's)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(9, D_IN, generator=g), torch.randn(S, R, M, D_IN, generator=g),
-            torch.randn(S, R, D_OUT, generator=g))
+    return (torch.randn(9, D_IN, generator=g).to(dtype), torch.randn(S, R, M, D_IN, generator=g).to(dtype),
+            torch.randn(S, R, D_OUT, generator=g).to(dtype))
+
+
+WEIGHT_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_weights"])
 
 
 RUNS = [(0, 3, 2, 16, 0), (3, 4, 0, 5, 3), (4, 9, 3, 1, 4), (1, 3, 1, 7, 9)]  # the last overlaps the first's tokens
 WEIGHTS = [1.0, -1.0, 0.25, 2.0]
 
 
-def test_each_run_adds_its_own_slot_at_its_own_rank():
-    x, A, B = tensors()
+@WEIGHT_DTYPES
+def test_each_run_adds_its_own_slot_at_its_own_rank(dtype):
+    """bf16 x, A and B are widened exactly and summed in float32: the float64 product of the same values."""
+    x, A, B = tensors(0, dtype)
     runs = torch.tensor(RUNS)
     xa = kernels.shrink(x, A, runs, 11)
+    assert xa.dtype == torch.float32
     y = torch.randn(9, D_OUT)
     ref = y.double().clone()
     for j in range(M):
@@ -64,10 +71,11 @@ def test_a_bf16_output_takes_each_runs_float32_sum_rounded_once():
         assert not torch.equal(direct, y)
 
 
-def test_member_ranks_bound_what_each_member_reads():
+@WEIGHT_DTYPES
+def test_member_ranks_bound_what_each_member_reads(dtype):
     """member_ranks: a run reads member m's A and B rows only up to its slot's rank for m (0: none at all); the
     rows past it hold NaN here and reach no output."""
-    x, A, B = tensors(3)
+    x, A, B = tensors(3, dtype)
     member_ranks = torch.tensor([[3, 0], [7, 7], [16, 9], [0, 1]])  # [S, M]
     for slot in range(S):
         for j in range(M):
@@ -145,8 +153,8 @@ def test_a_run_outside_its_tensors_is_refused_and_nothing_written(case):
 def test_tensors_of_the_wrong_kind_are_refused():
     x, A, B = tensors()
     runs = torch.tensor(RUNS)
-    with pytest.raises(RuntimeError, match="x must be a 2-d float32"):
-        kernels.shrink(x.bfloat16(), A, runs, 11)
+    with pytest.raises(RuntimeError, match="x must be a 2-d float32 or bfloat16"):
+        kernels.shrink(x.half(), A.half(), runs, 11)
     with pytest.raises(RuntimeError, match="A must be contiguous"):
         kernels.shrink(x, A.transpose(0, 1), runs, 11)
     with pytest.raises(RuntimeError, match="x has 39 features, A 40"):
@@ -163,4 +171,8 @@ def test_tensors_of_the_wrong_kind_are_refused():
         kernels.expand(y[:, :71], xa, B, runs, torch.ones(4), 0, M)
     with pytest.raises(RuntimeError, match="y must be a 2-d float32 or bfloat16"):
         kernels.expand(y.half(), xa, B, runs, torch.ones(4), 0, M)
+    with pytest.raises(RuntimeError, match="B must be a 3-d float32 or bfloat16"):
+        kernels.expand(y, xa, B.half(), runs, torch.ones(4), 0, M)
+    with pytest.raises(RuntimeError, match="xa must be a 2-d float32 CPU"):
+        kernels.expand(y, xa.bfloat16(), B, runs, torch.ones(4), 0, M)
     assert not y.any()

@@ -26,9 +26,6 @@ using namespace loramux;
 
 typedef int32_t IVec __attribute__((vector_size(sizeof(Vec))));
 
-inline float widen(float x) { return x; }
-inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
-
 // exp(x) for x <= 0 (scores minus their maximum), 8 lanes: 2^n * p(r), r = x - n ln2 (Cody-Waite), p Cephes'
 // degree-6 polynomial; relative error ~2e-7. Below -87.3 (exp < 2^-126, no denormals) it gives exp(-87.3).
 inline Vec vexp(Vec x) {

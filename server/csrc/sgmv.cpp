@@ -1,6 +1,6 @@
 // LoRA side paths of a step on CPU in two calls per projection group: segmented x·A and (x·A)·B over runs
-// of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA): float32
-// weights and x·A, a float32 or bfloat16 output.
+// of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA): float32 or
+// bfloat16 weights, widened in registers; float32 sums and x·A; a float32 or bfloat16 input and output.
 //
 // A run is a row of `runs` [n, 5] int64: (start, end, slot, rank, off): tokens start..end-1 of x use slot
 // `slot` at rank `rank`, and their x·A rows sit at off..off+(end-start)-1 of xa. `member_ranks` [S, M] int64,
@@ -73,15 +73,17 @@ inline int64_t member_rank(const Run& r, const std::vector<int64_t>& ranks, int6
   return ranks.empty() ? r.rank : std::min(r.rank, ranks[r.slot * M + m]);
 }
 
-void check_fp32(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim, name, " must be a ", dim,
-              "-d float32 CPU tensor");
+// A `dim`-d CPU tensor of float32 (or, with `bf16`, bfloat16) with unit stride in its last dimension.
+void check_float(const at::Tensor& t, const char* name, int64_t dim, bool bf16 = false) {
+  const bool dtype = t.scalar_type() == at::kFloat || (bf16 && t.scalar_type() == at::kBFloat16);
+  TORCH_CHECK(t.device().is_cpu() && dtype && t.dim() == dim, name, " must be a ", dim, "-d float32",
+              bf16 ? " or bfloat16" : "", " CPU tensor");
   TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have unit stride in its last dimension");
 }
 
 // out[t] = <a, x_t> for N rows x_t of length d, each element of a read once (two partial sums per row).
-template <int N>
-inline void dots(const float* __restrict a, const float* const* x, int64_t d, float* out) {
+template <int N, typename T>
+inline void dots(const T* __restrict a, const float* const* x, int64_t d, float* out) {
   Vec acc[N][2] = {};
   int64_t k = 0;
   for (; k + 2 * kLanes <= d; k += 2 * kLanes) {
@@ -93,12 +95,13 @@ inline void dots(const float* __restrict a, const float* const* x, int64_t d, fl
   }
   for (int t = 0; t < N; ++t) {
     float s = hsum(acc[t][0] + acc[t][1]);
-    for (int64_t j = k; j < d; ++j) s += a[j] * x[t][j];
+    for (int64_t j = k; j < d; ++j) s += widen(a[j]) * x[t][j];
     out[t] = s;
   }
 }
 
-inline void dots_n(const float* a, const float* const* x, int64_t n, int64_t d, float* out) {
+template <typename T>
+inline void dots_n(const T* a, const float* const* x, int64_t n, int64_t d, float* out) {
   switch (n) {
     case 4: return dots<4>(a, x, d, out);
     case 3: return dots<3>(a, x, d, out);
@@ -107,28 +110,19 @@ inline void dots_n(const float* a, const float* const* x, int64_t n, int64_t d, 
   }
 }
 
-// x [N, d_in], A [S, R, M, d_in] (contiguous) -> xa [rows, R*M]: xa[off + i, q] = <A[slot, q / M, q % M], x[start + i]>
-// for q / M < the run's rank of member q % M (the rest of a row is left unset and never read).
-at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& runs, int64_t rows,
-                       const std::optional<at::Tensor>& member_ranks) {
-  check_fp32(x, "x", 2);
-  check_fp32(A, "A", 4);
-  TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
-  const int64_t S = A.size(0), R = A.size(1), M = A.size(2), D = A.size(3);
-  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " features, A ", D);
-  const std::vector<Run> rs = read_runs(runs, x.size(0), S, R, rows);
-  const std::vector<int64_t> ranks = read_member_ranks(member_ranks, S, M, R);
-  at::Tensor xa = at::empty({rows, R * M}, x.options());
+// x [N, d_in] float32, A [S, R, M, d_in] (contiguous) -> xa [rows, R*M] float32:
+// xa[off + i, q] = <A[slot, q / M, q % M], x[start + i]> for q / M < the run's rank of member q % M (the rest
+// of a row is left unset and never read).
+template <typename T>
+void shrink_runs(const float* xp, int64_t xs, const T* ap, const std::vector<Run>& rs, const std::vector<int64_t>& ranks,
+                 int64_t R, int64_t M, int64_t D, float* op) {
   std::vector<int64_t> first(rs.size() + 1, 0);  // first work item of each run
   std::vector<int64_t> deepest(rs.size(), 0);    // each run's largest member rank
   for (size_t i = 0; i < rs.size(); ++i) {
     for (int64_t m = 0; m < M; ++m) deepest[i] = std::max(deepest[i], member_rank(rs[i], ranks, m, M));
     first[i + 1] = first[i] + (deepest[i] * M + kRows - 1) / kRows;
   }
-  const float* xp = x.data_ptr<float>();
-  const float* ap = A.data_ptr<float>();
-  float* op = xa.data_ptr<float>();
-  const int64_t xs = x.stride(0), width = R * M, items = first.back();
+  const int64_t width = R * M, items = first.back();
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
@@ -136,7 +130,7 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tenso
       const int64_t q0 = (item - first[i]) * kRows, q1 = std::min(q0 + kRows, deepest[i] * M);
       int64_t limit[kRows];  // rank of each row's member
       for (int64_t q = q0; q < q1; ++q) limit[q - q0] = member_rank(r, ranks, q % M, M);
-      const float* a = ap + r.slot * R * M * D;
+      const T* a = ap + r.slot * R * M * D;
       for (int64_t t = r.start; t < r.end; t += 4) {
         const int64_t n = std::min<int64_t>(4, r.end - t);
         const float* xr[4];
@@ -150,13 +144,32 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tenso
       }
     }
   });
+}
+
+at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& runs, int64_t rows,
+                       const std::optional<at::Tensor>& member_ranks) {
+  check_float(x, "x", 2, true);
+  check_float(A, "A", 4, true);
+  TORCH_CHECK(A.is_contiguous(), "A must be contiguous");
+  const int64_t S = A.size(0), R = A.size(1), M = A.size(2), D = A.size(3);
+  TORCH_CHECK(x.size(1) == D, "x has ", x.size(1), " features, A ", D);
+  const std::vector<Run> rs = read_runs(runs, x.size(0), S, R, rows);
+  const std::vector<int64_t> ranks = read_member_ranks(member_ranks, S, M, R);
+  at::Tensor xa = at::empty({rows, R * M}, x.options().dtype(at::kFloat));
+  // a bfloat16 x is widened once here, not once per row of A that reads it
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const float* xp = xf.data_ptr<float>();
+  if (A.scalar_type() == at::kBFloat16)
+    shrink_runs(xp, xf.stride(0), A.data_ptr<at::BFloat16>(), rs, ranks, R, M, D, xa.data_ptr<float>());
+  else
+    shrink_runs(xp, xf.stride(0), A.data_ptr<float>(), rs, ranks, R, M, D, xa.data_ptr<float>());
   return xa;
 }
 
 // out[j, :nc] += sum_k v[j][k] * b[k, :nc] for TN rows j (out row stride os, b row stride bs), kn <= kRanks:
 // the rows' sums stay in registers over the kn ranks, each B element is loaded once for all TN rows.
-template <int TN>
-inline void expand_tile(float* out, int64_t os, const float* b, int64_t bs, const float (&v)[kTokens][kRanks],
+template <int TN, typename W>
+inline void expand_tile(float* out, int64_t os, const W* b, int64_t bs, const float (&v)[kTokens][kRanks],
                         int64_t kn, int64_t nc) {
   int64_t c = 0;
   for (; c + 2 * kLanes <= nc; c += 2 * kLanes) {
@@ -180,23 +193,24 @@ inline void expand_tile(float* out, int64_t os, const float* b, int64_t bs, cons
   for (; c < nc; ++c) {
     for (int j = 0; j < TN; ++j) {
       float s = out[j * os + c];
-      for (int64_t k = 0; k < kn; ++k) s += v[j][k] * b[k * bs + c];
+      for (int64_t k = 0; k < kn; ++k) s += v[j][k] * widen(b[k * bs + c]);
       out[j * os + c] = s;
     }
   }
 }
 
-// y [N, d_out] += weight * xa[run rows, member::M at the run's rank] @ B[slot, :rank]; B [S, R, d_out] contiguous.
-// y is float32 or bfloat16. A bfloat16 y takes each run's sum (float32, over all its ranks) rounded once:
-// y = bf16(float(y) + sum), what adding a float32 buffer of the runs' sums into y does when the runs are disjoint.
+// y [N, d_out] += weight * xa[run rows, member::M at the run's rank] @ B[slot, :rank]; B [S, R, d_out] contiguous,
+// float32 or bfloat16; y float32 or bfloat16. A bfloat16 y takes each run's sum (float32, over all its ranks)
+// rounded once: y = bf16(float(y) + sum), what adding a float32 buffer of the runs' sums into y does when the
+// runs are disjoint.
 void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const at::Tensor& runs,
                  const at::Tensor& weights, const std::optional<at::Tensor>& member_ranks, int64_t member,
                  int64_t members) {
   const bool bf16 = y.scalar_type() == at::kBFloat16;
   TORCH_CHECK(y.device().is_cpu() && (bf16 || y.scalar_type() == at::kFloat) && y.dim() == 2 && y.stride(1) == 1,
               "y must be a 2-d float32 or bfloat16 CPU tensor with unit stride in its last dimension");
-  check_fp32(xa, "xa", 2);
-  check_fp32(B, "B", 3);
+  check_float(xa, "xa", 2);
+  check_float(B, "B", 3, true);
   TORCH_CHECK(B.is_contiguous() && xa.is_contiguous(), "B and xa must be contiguous");
   const int64_t S = B.size(0), R = B.size(1), D = B.size(2);
   TORCH_CHECK(y.size(1) == D, "y has ", y.size(1), " columns, B ", D);
@@ -209,7 +223,6 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const
               "weights must be a contiguous float32 CPU tensor of one weight per run");
   const float* wp = weights.data_ptr<float>();
   const float* xp = xa.data_ptr<float>();
-  const float* bp = B.data_ptr<float>();
   float* yp = bf16 ? nullptr : y.data_ptr<float>();
   at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
   int64_t longest = 0;
@@ -219,46 +232,52 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const
   const int64_t split = at::get_num_threads();
   const int64_t cols = std::max(kMinCols, ((D + split - 1) / split + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
   const int64_t ys = y.stride(0), width = xa.size(1), blocks = (D + cols - 1) / cols;
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sums(bf16 ? longest * cols : 0);  // bf16 y: one run's float32 sums [tokens, cols]
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t c0 = blk * cols, nc = std::min(cols, D - c0);
-      for (size_t i = 0; i < rs.size(); ++i) {
-        const Run& r = rs[i];
-        const int64_t rank = member_rank(r, ranks, member, members);
-        if (rank == 0) continue;
-        const int64_t os = bf16 ? nc : ys;
-        float* base = bf16 ? sums.data() - r.start * nc : yp + c0;  // row t of the run's output: base + t * os
-        if (bf16) std::fill(sums.begin(), sums.begin() + (r.end - r.start) * nc, 0.f);
-        for (int64_t k0 = 0; k0 < rank; k0 += kRanks) {  // kRanks rows of B at a time, in order
-          const int64_t kn = std::min(kRanks, rank - k0);
-          const float* b = bp + (r.slot * R + k0) * D + c0;
-          for (int64_t t = r.start; t < r.end; t += kTokens) {
-            const int64_t tn = std::min(kTokens, r.end - t);
-            float v[kTokens][kRanks] = {};  // weight * x·A of these tokens at these ranks
-            for (int64_t j = 0; j < tn; ++j) {
-              const float* s = xp + (r.off + t + j - r.start) * width + k0 * members + member;
-              for (int64_t k = 0; k < kn; ++k) v[j][k] = wp[i] * s[k * members];
-            }
-            float* out = base + t * os;
-            switch (tn) {
-              case 4: expand_tile<4>(out, os, b, D, v, kn, nc); break;
-              case 3: expand_tile<3>(out, os, b, D, v, kn, nc); break;
-              case 2: expand_tile<2>(out, os, b, D, v, kn, nc); break;
-              default: expand_tile<1>(out, os, b, D, v, kn, nc);
+  const auto run_blocks = [&](const auto* bp) {  // B's elements, float or at::BFloat16
+    at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> sums(bf16 ? longest * cols : 0);  // bf16 y: one run's float32 sums [tokens, cols]
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t c0 = blk * cols, nc = std::min(cols, D - c0);
+        for (size_t i = 0; i < rs.size(); ++i) {
+          const Run& r = rs[i];
+          const int64_t rank = member_rank(r, ranks, member, members);
+          if (rank == 0) continue;
+          const int64_t os = bf16 ? nc : ys;
+          float* base = bf16 ? sums.data() - r.start * nc : yp + c0;  // row t of the run's output: base + t * os
+          if (bf16) std::fill(sums.begin(), sums.begin() + (r.end - r.start) * nc, 0.f);
+          for (int64_t k0 = 0; k0 < rank; k0 += kRanks) {  // kRanks rows of B at a time, in order
+            const int64_t kn = std::min(kRanks, rank - k0);
+            const auto* b = bp + (r.slot * R + k0) * D + c0;
+            for (int64_t t = r.start; t < r.end; t += kTokens) {
+              const int64_t tn = std::min(kTokens, r.end - t);
+              float v[kTokens][kRanks] = {};  // weight * x·A of these tokens at these ranks
+              for (int64_t j = 0; j < tn; ++j) {
+                const float* s = xp + (r.off + t + j - r.start) * width + k0 * members + member;
+                for (int64_t k = 0; k < kn; ++k) v[j][k] = wp[i] * s[k * members];
+              }
+              float* out = base + t * os;
+              switch (tn) {
+                case 4: expand_tile<4>(out, os, b, D, v, kn, nc); break;
+                case 3: expand_tile<3>(out, os, b, D, v, kn, nc); break;
+                case 2: expand_tile<2>(out, os, b, D, v, kn, nc); break;
+                default: expand_tile<1>(out, os, b, D, v, kn, nc);
+              }
             }
           }
-        }
-        if (bf16) {
-          for (int64_t t = r.start; t < r.end; ++t) {
-            at::BFloat16* row = yb + t * ys + c0;
-            const float* sum = base + t * os;
-            for (int64_t c = 0; c < nc; ++c) row[c] = at::BFloat16(static_cast<float>(row[c]) + sum[c]);
+          if (bf16) {
+            for (int64_t t = r.start; t < r.end; ++t) {
+              at::BFloat16* row = yb + t * ys + c0;
+              const float* sum = base + t * os;
+              for (int64_t c = 0; c < nc; ++c) row[c] = at::BFloat16(static_cast<float>(row[c]) + sum[c]);
+            }
           }
         }
       }
-    }
-  });
+    });
+  };
+  if (B.scalar_type() == at::kBFloat16)
+    run_blocks(B.data_ptr<at::BFloat16>());
+  else
+    run_blocks(B.data_ptr<float>());
 }
 
 }  // namespace

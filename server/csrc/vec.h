@@ -29,6 +29,9 @@ inline Vec load(const at::BFloat16* p) {  // a bfloat16 is a float32's upper hal
   return v;
 }
 
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
+
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
 inline float hsum(Vec v) {

@@ -26,7 +26,8 @@ MAX_DORA_SCALE = 1024.0  # |m / ||W + s·B·A|| | of a DoRA module against the b
 class ProjectionGroup:
     """Slot buffers of M projections that read the same input, and their side paths.
 
-    A: [S, r_max, M, d_in]; B[j]: [S, r_max, d_out_j] (B transposed, pre-scaled by the module's scale).
+    A: [S, r_max, M, d_in]; B[j]: [S, r_max, d_out_j] (B transposed, pre-scaled by the module's scale), in
+    `dtype`; the scales G, C, L below in `scale_dtype` (by default `dtype`).
     DoRA: G[j]: [S, d_out_j] the row scales m / ||W0 + s·B·A||_row (1 for other slots), and, for a projection
     with a bias b, C[j] = b·(1 - G[j]); a DoRA token's output is then y·G + C = b + G ⊙ (W0·x + s·B·A·x),
     PEFT's DoRA forward (its norm is computed once, when the adapter enters the slot).
@@ -36,14 +37,14 @@ class ProjectionGroup:
 
     def __init__(self, index: int, names: list[str], shapes: list[ModuleShape], n_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, context: ForwardContext,
-                 biases: list[torch.Tensor | None] | None = None):
+                 biases: list[torch.Tensor | None] | None = None, scale_dtype: torch.dtype | None = None):
         self.index = index
         self.names = names
         self.shapes = shapes
         self.context = context
-        kw = dict(device=device, dtype=dtype)
-        self.A = torch.zeros(n_slots, max_rank, len(names), shapes[0].d_in, **kw)
-        self.B = [torch.zeros(n_slots, max_rank, sh.d_out, **kw) for sh in shapes]
+        self.A = torch.zeros(n_slots, max_rank, len(names), shapes[0].d_in, device=device, dtype=dtype)
+        self.B = [torch.zeros(n_slots, max_rank, sh.d_out, device=device, dtype=dtype) for sh in shapes]
+        kw = dict(device=device, dtype=scale_dtype or dtype)
         self.G = [torch.ones(n_slots, sh.d_out, **kw) for sh in shapes]
         self.biases = biases or [None] * len(names)
         self.C = [None if b is None else torch.zeros(n_slots, sh.d_out, **kw)

@@ -4,7 +4,8 @@ Buffers of one group of M projections over S slots:
     A:    [S, r_max, M, d_in]   (rank-major so that slicing to the batch's rank stays a view)
     B[j]: [S, r_max, d_out_j]   (B transposed, pre-scaled by the adapter's s = alpha/r for that module)
 x and the buffers share one dtype; y may have another (a bf16 model with fp32 side paths on CPU): a
-member's products are then summed in the buffers' dtype and added into y once, in its own.
+member's products are then summed in the buffers' dtype and added into y once, in its own. Buffers of y's own
+dtype (bf16 slot weights of a bf16 model on CPU, the model's dtype on CUDA) add each product into y.
 
 Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly this):
 
@@ -16,8 +17,8 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
 
 The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
 calls these for every group of every layer, a few thousand small products: the buffer views they read are
-made once and kept (`BufferViews`), since the buffers never move. The plan's short runs (`segments`, fp32 on
-CPU) go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py); where they
+made once and kept (`BufferViews`), since the buffers never move. The plan's short runs (`segments`, on CPU)
+go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py); where they
 are a member's only side path and no token is in two of them, a bf16 y takes the kernel's sums directly (the
 same single rounding, without the float32 buffer).
 """

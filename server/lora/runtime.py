@@ -25,9 +25,19 @@ except ImportError:  # pragma: no cover
 
 
 def side_path_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """fp32 on CPU, where bf16/f16 matmuls of LoRA's small shapes cost about twice fp32's (the buffers
-    then take twice the memory); the model's dtype elsewhere."""
+    """Of the side paths' scales and edges: fp32 on CPU, where bf16/f16 matmuls of LoRA's small shapes cost
+    up to twice fp32's (the buffers then take twice the memory); the model's dtype elsewhere."""
     return torch.float32 if device.type == "cpu" else model_dtype
+
+
+def slot_weight_dtype(model_dtype: torch.dtype, device: torch.device, kernels: bool) -> torch.dtype:
+    """Of the slot buffers A and B: the side paths' dtype, except for a bf16 model on CPU whose decode rows go
+    to loramux's kernels (`kernels`): bf16, half the memory, its prefill side paths torch's bf16 matmuls (as
+    PEFT's are; 0.79x the fp32 buffers' 16-adapter prefill step here), its decode rows as fast as over fp32
+    (the kernels widen bf16 in registers and sum in fp32; they are not bound by the bytes they read)."""
+    if kernels and device.type == "cpu" and model_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return side_path_dtype(model_dtype, device)
 
 
 def projection_shape(module: nn.Module) -> ModuleShape:
@@ -48,12 +58,15 @@ def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class LoraRuntime:
-    """`prepack`: the base projections' GEMMs run through oneDNN over reordered weights (CPU; server/gemm.py)."""
+    """`prepack`: the base projections' GEMMs run through oneDNN over reordered weights (CPU; server/gemm.py).
+    `kernels`: the short runs of the side paths go to loramux's CPU kernels (server/lora/kernels.py)."""
 
-    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext, prepack: bool = False):
+    def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext, prepack: bool = False,
+                 kernels: bool = False):
         param = next(model.parameters())
         self.device = param.device
-        self.dtype = side_path_dtype(param.dtype, param.device)  # of the slot buffers and side paths
+        self.dtype = slot_weight_dtype(param.dtype, param.device, kernels)  # of the slot buffers A and B
+        scale_dtype = side_path_dtype(param.dtype, param.device)  # of DoRA / IA3 scales and the edges
         self.n_slots = n_slots
         self.modules = targetable_modules(model)
         self.shapes = {name: projection_shape(m) for name, m in self.modules.items()}  # what adapters may target
@@ -65,7 +78,7 @@ class LoraRuntime:
                 raise ValueError(f"projections {names} read one input but differ in d_in")
             biases = [getattr(self.modules[n], "bias", None) for n in names]
             group = ProjectionGroup(len(self.groups), names, [self.shapes[n] for n in names], n_slots, max_rank,
-                                    self.device, self.dtype, context, biases)
+                                    self.device, self.dtype, context, biases, scale_dtype)
             self.groups.append(group)
             for member, name in enumerate(names):
                 base = self.modules[name]
@@ -76,7 +89,7 @@ class LoraRuntime:
                     self.packed[name] = packed
         context.projections = self.projections  # what the compiled graph's opaque op runs, by index
         vocab = model.get_input_embeddings().weight.shape[0]
-        self.edges = EdgeSlots(self.device, self.dtype, param.dtype, vocab)  # adapters of the embedding and head
+        self.edges = EdgeSlots(self.device, scale_dtype, param.dtype, vocab)  # adapters of the embedding and head
         self.merged = MergedWeights(self.groups, self.modules, self.shapes, self.packed)
         for group in self.groups:
             group.original = self.merged.original
