@@ -32,9 +32,9 @@ def side_path_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dty
 
 def slot_weight_dtype(model_dtype: torch.dtype, device: torch.device, kernels: bool) -> torch.dtype:
     """Of the slot buffers A and B: the side paths' dtype, except for a bf16 model on CPU whose decode rows go
-    to loramux's kernels (`kernels`): bf16, half the memory, its prefill side paths torch's bf16 matmuls (as
-    PEFT's are; 0.79x the fp32 buffers' 16-adapter prefill step here), its decode rows as fast as over fp32
-    (the kernels widen bf16 in registers and sum in fp32; they are not bound by the bytes they read)."""
+    to loramux's kernels (`kernels`): bf16, half the memory at about fp32's speed (the kernels widen it in
+    registers and sum in fp32, and are not bound by the bytes they read; its prefill side paths are torch's
+    bf16 matmuls, as PEFT's are)."""
     if kernels and device.type == "cpu" and model_dtype == torch.bfloat16:
         return torch.bfloat16
     return side_path_dtype(model_dtype, device)
