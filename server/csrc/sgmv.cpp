@@ -22,9 +22,6 @@
 #include "table.h"
 #include "vec.h"
 
-#ifndef LMX_SPLIT
-#define LMX_SPLIT 2
-#endif
 namespace {
 
 using namespace loramux;

@@ -27,8 +27,9 @@ def shrink(x: torch.Tensor, A: torch.Tensor, runs: torch.Tensor, rows: int,
            member_ranks: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, d_in], A [S, R, M, d_in] -> xa [rows, R*M]: each run's tokens' x·A at its slot and rank.
 
-    member_ranks [S, M] int64: the rank each slot holds for each member (0: not adapted); a run reads member
-    m's rows only up to it (the rows past it in xa are left unset: expand with the same member_ranks)."""
+    x and A are float32 or bfloat16 (not necessarily the same), xa float32. member_ranks [S, M] int64: the rank
+    each slot holds for each member (0: not adapted); a run reads member m's rows only up to it (the rows past
+    it in xa are left unset: expand with the same member_ranks)."""
     return torch.ops.loramux_cpu.sgmv_shrink(x, A, runs, rows, member_ranks)
 
 
@@ -36,6 +37,6 @@ def expand(y: torch.Tensor, xa: torch.Tensor, B: torch.Tensor, runs: torch.Tenso
            member: int, members: int, member_ranks: torch.Tensor | None = None) -> None:
     """y [N, d_out] += weight * (x·A of `member`) · B[slot] for each run, in place (up to the member's rank).
 
-    y is float32 or bfloat16; a bfloat16 y takes each run's float32 sum rounded once (for disjoint runs, what
-    adding a float32 buffer of the sums into y gives, bit for bit)."""
+    B [S, R, d_out] and y are float32 or bfloat16, xa float32; a bfloat16 y takes each run's float32 sum rounded
+    once (for disjoint runs, what adding a float32 buffer of the sums into y gives, bit for bit)."""
     torch.ops.loramux_cpu.sgmv_expand(y, xa, B, runs, weights, member_ranks, member, members)
