@@ -27,12 +27,13 @@ MAX_GRAPHS = 256  # of the compiled frame, all models of the process together
 
 @torch.library.custom_op("loramux::projection", mutates_args=())
 def projection(x: torch.Tensor, index: int, d_out: int) -> torch.Tensor:
-    """x: [..., d_in] -> [..., d_out]: projection `index` of the running model, side paths included. `d_out` is
+    """x: [..., d_in] -> [..., d_out]: projection `index` of the running model, side paths included (a member of
+    a stacked GEMM returns its columns, copied here into the contiguous layout the fake promises). `d_out` is
     an argument so that the graph holds (and dynamo guards) each projection's output size: models of one
     architecture but other sizes must not share a graph."""
     context = running()
     context.opaque_calls += 1
-    return context.projections[index].project(x)
+    return context.projections[index].project(x).contiguous()  # the graph takes the fake's layout: contiguous
 
 
 @projection.register_fake

@@ -11,7 +11,7 @@ Under ``--compile`` the step context stays outside the graph: the opaque ops tha
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,13 +29,14 @@ T = TypeVar("T")
 class StepContext:
     attn: AttnMeta
     lora: LoraPlan
-    _shared: dict[int, tuple[torch.Tensor, Any]] = field(default_factory=dict, repr=False)
+    _shared: dict[Hashable, tuple[torch.Tensor, Any]] = field(default_factory=dict, repr=False)
 
-    def shared(self, key: int, x: torch.Tensor, compute: Callable[[], T]) -> T:
+    def shared(self, key: Hashable, x: torch.Tensor, compute: Callable[[], T]) -> T:
         """compute() once per key and input tensor this step.
 
         The projections of one LoRA group read the very same input tensor (q/k/v, gate/up): the first
-        one computes the shrink x·A, the others reuse it. A different tensor recomputes.
+        one computes their stacked base GEMM and the shrink x·A, the others reuse them. A different tensor
+        recomputes.
         """
         hit = self._shared.get(key)
         if hit is not None and hit[0] is x:

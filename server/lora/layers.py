@@ -104,6 +104,11 @@ class ProjectionGroup:
             self.L[j][slot].fill_(1.0)
             self.input_slots[j].discard(slot)
 
+    def base_output(self, x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+        """The members' stacked base GEMM of x [..., d_in] -> [..., sum d_out]: once per input tensor in a step."""
+        ctx = self.context.current
+        return packed(x) if ctx is None else ctx.shared(("base", self.index), x, lambda: packed(x))
+
     def apply(self, member: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the base projection of x) plus this member's side paths for the step in progress."""
         ctx = self.context.current
@@ -135,8 +140,10 @@ class ProjectionGroup:
 class LoraProjection(nn.Module):
     """A base projection (through `packed`, its oneDNN-reordered GEMM, when given) plus its group's side paths.
 
-    `index`: its place among the runtime's projections; under torch.compile the projection is the opaque op
-    `loramux::projection(x, index, d_out)` (server/compiled.py), which runs `project`."""
+    A `packed` GEMM of several members of the group (q/k/v stacked) runs once per input tensor in a step; each
+    member takes its columns of it (a strided view). `index`: its place among the runtime's projections; under
+    torch.compile the projection is the opaque op `loramux::projection(x, index, d_out)` (server/compiled.py),
+    which runs `project`."""
 
     def __init__(self, base: nn.Module, group: ProjectionGroup, member: int, index: int,
                  packed: PackedLinear | None = None):
@@ -153,7 +160,12 @@ class LoraProjection(nn.Module):
         return self.base.weight
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x) if self.packed is None else self.packed(x)
+        if self.packed is None:
+            y = self.base(x)
+        elif len(self.packed.modules) == 1:
+            y = self.packed(x)
+        else:
+            y = self.group.base_output(x, self.packed)[..., self.packed.columns[self.member]]
         return self.group.apply(self.member, x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

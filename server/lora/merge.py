@@ -67,9 +67,9 @@ class MergedWeights:
                 self._modules[name].weight.copy_(self._golden[name])
             restored |= self._touched
             self._touched = set()
-        for name in restored | self._touched:
-            if name in self._packed:
-                self._packed[name].repack()
+        changed = {id(p): p for name in restored | self._touched if (p := self._packed.get(name)) is not None}
+        for packed in changed.values():  # a GEMM stacked over several projections repacks once
+            packed.repack()
         if bad:
             raise MergeRefused(f"folding slot {slot} would make {len(bad)} projections non-finite (e.g. {bad[0]})")
 

@@ -80,10 +80,9 @@ class LoraRuntime:
             group = ProjectionGroup(len(self.groups), names, [self.shapes[n] for n in names], n_slots, max_rank,
                                     self.device, self.dtype, context, biases, scale_dtype)
             self.groups.append(group)
-            for member, name in enumerate(names):
-                base = self.modules[name]
-                packed = PackedLinear(base) if prepack and prepack_supported(base.weight) else None
-                self.projections.append(LoraProjection(base, group, member, len(self.projections), packed))
+            for name, packed in zip(names, _pack_group([self.modules[n] for n in names], prepack), strict=True):
+                self.projections.append(LoraProjection(self.modules[name], group, names.index(name),
+                                                       len(self.projections), packed))
                 _replace(model, name, self.projections[-1])
                 if packed is not None:
                     self.packed[name] = packed
@@ -113,6 +112,17 @@ class LoraRuntime:
 
     def fold(self, slot: int | None, rank: int, groups: frozenset[int], dora: bool = False) -> None:
         self.merged.fold(slot, rank, groups, dora)
+
+
+def _pack_group(modules: list[nn.Module], prepack: bool) -> list[PackedLinear | None]:
+    """Each member's prepacked GEMM: one stacked GEMM shared by all members where every one can be packed (one
+    input, one d_in and dtype), else one of its own where it can be."""
+    if not prepack:
+        return [None] * len(modules)
+    if len(modules) > 1 and all(prepack_supported(m.weight) for m in modules) and \
+            len({m.weight.dtype for m in modules}) == 1:
+        return [PackedLinear(*modules)] * len(modules)
+    return [PackedLinear(m) if prepack_supported(m.weight) else None for m in modules]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
