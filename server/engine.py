@@ -88,6 +88,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._threads: int | None = None  # the engine thread's torch thread count (CPU), set by its loop
         self._accepting = True
         self._crashed: BaseException | None = None
         self._io = single_threaded_executor("loramux-adapter-io", workers=2)  # disk -> host reads
@@ -204,8 +205,9 @@ class Engine:
         )
 
     def _loop(self) -> None:
-        if self.runner.device.type == "cpu":
-            use_threads(engine_threads(self.config.threads))
+        self._threads = engine_threads(self.config.threads) if self.runner.device.type == "cpu" else None
+        if self._threads is not None:
+            use_threads(self._threads)
         try:
             while not self._stopping:
                 self._run_commands()
@@ -269,6 +271,12 @@ class Engine:
         slots = self.runner.slots
         plan: StepPlan = build_step(running, slots.merged_slot, budget, slots.ranks())
         kind = self._step_kind()
+        if self._threads is not None and torch.get_num_threads() != self._threads:
+            # other threads' single-threaded settings reach this thread's count in a server process (seen with
+            # torch 2.13: the engine then ran every forward on one core); take it back before the forward
+            use_threads(self._threads)
+        if self._threads is not None:
+            self.metrics.engine_threads.set(torch.get_num_threads())
         t0 = time.perf_counter()
         logits = self.runner.forward(plan.step)
         for seq, n, prefill in plan.fed:

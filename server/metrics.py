@@ -48,6 +48,8 @@ class Metrics:
                                     registry=r)
         self.steps = Counter("loramux_steps", "Engine steps by execution kind", ["kind"], registry=r)
         self.cancelled = Counter("loramux_cancelled", "Sequences cancelled (client gone or asked)", registry=r)
+        self.engine_threads = Gauge("loramux_engine_threads", "CPU threads that ran the engine's last forward "
+                                    "(0: not on CPU, or no step yet)", registry=r)
         self.compile_seconds = Gauge("loramux_compile_seconds", "Start-up time spent compiling the step "
                                      "(0: the step runs eagerly)", registry=r)
         self.preemptions = Counter("loramux_preemptions", "Sequences that gave their KV block back (recomputed)",

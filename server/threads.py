@@ -16,6 +16,9 @@ Every thread sets its count through `use_threads`. `torch.set_num_threads` also 
 process-wide default, and a thread's first parallel op re-applies whatever that default is then: an
 engine thread that set 2 and then waited, while an I/O thread set 1, ran every forward on one core.
 `use_threads` makes the thread take its count before setting it, so the setting sticks to the thread.
+That is not enough in a server process under torch 2.13: the engine thread's count still fell to 1 once the
+I/O threads had set theirs (its every forward then ran on one core, 0.6-0.7x the throughput), so the engine
+takes its count back before each forward where it drifted, and reports it (`loramux_engine_threads`).
 """
 
 from __future__ import annotations

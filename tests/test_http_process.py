@@ -8,6 +8,7 @@ served, SIGKILL in the middle of an upload -> restart, the store is consistent.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import threading
@@ -97,10 +98,13 @@ def test_sigterm_drain_restart_and_sigkill_mid_upload(tiny_model_dir, tiny_adapt
         first.kill()
     expected = {k: v["sha256"] for k, v in seeded.items()} | {"persist": uploaded.json()["sha256"]}
 
-    second = ProcessServer(tiny_model_dir, store, tmp_path / "second.log").wait_ready()
+    second = ProcessServer(tiny_model_dir, store, tmp_path / "second.log", "--threads", "2").wait_ready()
     try:
         assert {k: v["sha256"] for k, v in _adapters(second.url).items()} == expected
         assert _complete(second.url, "persist") == before
+        metrics = httpx.get(f"{second.url}/metrics", timeout=60).text  # the forwards ran on --threads, although
+        threads = re.search(r"^loramux_engine_threads (\S+)$", metrics, re.M)  # helper threads run single-threaded
+        assert threads and float(threads.group(1)) == 2, threads
         _sigkill_mid_upload(second, tiny_adapter_dirs["a2"])
     finally:
         second.kill()
