@@ -40,7 +40,7 @@ from server.sampling import make_generator
 from server.scheduler import Scheduler, SchedulerConfig
 from server.sequence import MixPart, RequestStream, Sequence
 from server.step import StepPlan, build_step, sample_step
-from server.threads import engine_threads, single_threaded_executor, use_threads
+from server.threads import engine_threads, hold_threads, single_threaded_executor, use_threads
 from server.validation import RequestLimits, check_request
 
 log = logging.getLogger(__name__)
@@ -271,12 +271,8 @@ class Engine:
         slots = self.runner.slots
         plan: StepPlan = build_step(running, slots.merged_slot, budget, slots.ranks())
         kind = self._step_kind()
-        if self._threads is not None and torch.get_num_threads() != self._threads:
-            # other threads' single-threaded settings reach this thread's count in a server process (seen with
-            # torch 2.13: the engine then ran every forward on one core); take it back before the forward
-            use_threads(self._threads)
-        if self._threads is not None:
-            self.metrics.engine_threads.set(torch.get_num_threads())
+        if self._threads is not None:  # other threads' settings can reach this thread's count (server/threads.py)
+            self.metrics.engine_threads.set(hold_threads(self._threads))
         t0 = time.perf_counter()
         logits = self.runner.forward(plan.step)
         for seq, n, prefill in plan.fed:

@@ -10,6 +10,8 @@ The plain weights stay the source of truth: whoever changes one (the merged hot 
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import nn
 
@@ -33,8 +35,7 @@ class PackedLinear:
         self.modules = modules
         self.rows_hint = rows_hint  # the row count oneDNN tunes the layout for; any count works
         widths = [_as_linear(m)[0].shape[0] for m in modules]
-        ends = torch.tensor(widths).cumsum(0).tolist()
-        self.columns = [slice(end - w, end) for w, end in zip(widths, ends, strict=True)]
+        self.columns = [slice(end - w, end) for w, end in zip(widths, accumulate(widths), strict=True)]
         self.packed, self.bias = self._pack()
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -18,7 +18,8 @@ engine thread that set 2 and then waited, while an I/O thread set 1, ran every f
 `use_threads` makes the thread take its count before setting it, so the setting sticks to the thread.
 That is not enough in a server process under torch 2.13: the engine thread's count still fell to 1 once the
 I/O threads had set theirs (its every forward then ran on one core, 0.6-0.7x the throughput), so the engine
-takes its count back before each forward where it drifted, and reports it (`loramux_engine_threads`).
+takes its count back before each forward where it drifted (`hold_threads`), and reports it
+(`loramux_engine_threads`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def use_threads(n: int) -> None:
     """Run this thread's torch ops on n threads, whatever other threads set later."""
     torch.get_num_threads()  # the thread's one-time lazy init, which reads the process-wide default
     torch.set_num_threads(n)
+
+
+def hold_threads(n: int) -> int:
+    """Take this thread's count back to n where another thread's setting reached it; returns the count now."""
+    if torch.get_num_threads() != n:
+        use_threads(n)
+    return torch.get_num_threads()
 
 
 def single_threaded() -> None:

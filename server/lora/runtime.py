@@ -80,9 +80,10 @@ class LoraRuntime:
             group = ProjectionGroup(len(self.groups), names, [self.shapes[n] for n in names], n_slots, max_rank,
                                     self.device, self.dtype, context, biases, scale_dtype)
             self.groups.append(group)
-            for name, packed in zip(names, _pack_group([self.modules[n] for n in names], prepack), strict=True):
-                self.projections.append(LoraProjection(self.modules[name], group, names.index(name),
-                                                       len(self.projections), packed))
+            packs = _pack_group([self.modules[n] for n in names], prepack)
+            for member, (name, packed) in enumerate(zip(names, packs, strict=True)):
+                self.projections.append(LoraProjection(self.modules[name], group, member, len(self.projections),
+                                                       packed))
                 _replace(model, name, self.projections[-1])
                 if packed is not None:
                     self.packed[name] = packed
@@ -119,8 +120,8 @@ def _pack_group(modules: list[nn.Module], prepack: bool) -> list[PackedLinear | 
     input, one d_in and dtype), else one of its own where it can be."""
     if not prepack:
         return [None] * len(modules)
-    if len(modules) > 1 and all(prepack_supported(m.weight) for m in modules) and \
-            len({m.weight.dtype for m in modules}) == 1:
+    if (len(modules) > 1 and all(prepack_supported(m.weight) for m in modules)
+            and len({m.weight.dtype for m in modules}) == 1):
         return [PackedLinear(*modules)] * len(modules)
     return [PackedLinear(m) if prepack_supported(m.weight) else None for m in modules]
 
