@@ -77,8 +77,8 @@ class ModelRunner:
     """Owns the model, its LoRA runtime and slot table, and the KV cache (single-threaded use).
 
     `compile`: the backbone runs under torch.compile (server/compiled.py); call `warm_up` before serving.
-    `lora_kernels`: on CPU, the short runs of a step's side paths (decode rows) go to loramux's kernels
-    (server/lora/kernels.py, built on first use), the rest to torch's matmuls.
+    `lora_kernels`: on CPU, a step's side paths (the runs of up to kernels.MAX_RUN tokens: all of them) go to
+    loramux's kernels (server/lora/kernels.py, built on first use), the rest to torch's matmuls.
     `attention_kernel`: on CPU, decode tokens attend through loramux's kernel (server/attention.py)."""
 
     def __init__(self, model: PreTrainedModel, *, max_loras: int, max_rank: int, max_model_len: int,

@@ -71,6 +71,36 @@ def test_a_bf16_output_takes_each_runs_float32_sum_rounded_once():
         assert not torch.equal(direct, y)
 
 
+LONG_RUNS = [(0, 37, 2, 16, 0), (37, 38, 0, 5, 37), (38, 59, 3, 3, 38), (3, 25, 1, 7, 59)]  # prefill's lengths
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=["y_fp32", "y_bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_x_and_weights"])
+def test_long_runs_split_over_blocks_and_tiles(dtype, y_dtype):
+    """Runs of many tokens (several of the kernels' 16-token blocks and 4-token tiles, with partial ones; one
+    overlapping another) equal the float64 product of the same values; a bf16 y is within its own rounding."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(59, D_IN, generator=g).to(dtype)
+    _, A, B = tensors(4, dtype)
+    runs, weights = torch.tensor(LONG_RUNS), torch.tensor([1.0, 0.5, -1.0, 2.0])
+    xa = kernels.shrink(x, A, runs, 81)
+    y = torch.randn(59, D_OUT, generator=g).to(y_dtype)
+    for j in range(M):
+        yj = y.clone()
+        kernels.expand(yj, xa, B, runs, weights, j, M)
+        ref = y.double().clone()
+        for (start, end, slot, rank, off), w in zip(LONG_RUNS, weights.tolist(), strict=True):
+            xa_ref = x[start:end].double() @ A[slot, :rank, j].double().T
+            torch.testing.assert_close(xa[off : off + end - start].view(-1, R, M)[:, :rank, j].double(), xa_ref,
+                                       atol=1e-4, rtol=1e-5)
+            ref[start:end] += w * xa_ref @ B[slot, :rank].double()
+        # a bf16 y: each run's sum rounded once into it (rows 3..24 twice), each rounding within 2^-8 of the largest
+        bf16_bound = 2 * 2**-8 * float(ref.abs().max())
+        tol = dict(atol=1e-4, rtol=1e-5) if y_dtype == torch.float32 else dict(atol=bf16_bound, rtol=0)
+        torch.testing.assert_close(yj.double(), ref, **tol)
+        assert (yj.double() - y.double()).abs().max() > 10 * tol["atol"]  # the runs' products are far larger
+
+
 @WEIGHT_DTYPES
 def test_member_ranks_bound_what_each_member_reads(dtype):
     """member_ranks: a run reads member m's A and B rows only up to its slot's rank for m (0: none at all); the

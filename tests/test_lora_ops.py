@@ -1,5 +1,6 @@
 """The fast side paths against the plain per-token loop, for every plan the planner makes: torch's batched
-matmuls, and loramux's CPU kernels for the short runs (`kernel_max_run`; server/lora/kernels.py)."""
+matmuls, loramux's CPU kernels for every run (as the runner plans on CPU), and both beside each other (runs
+of up to 16 tokens to the kernels: `kernel_max_run`; server/lora/kernels.py)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ D_OUT = [32, 16, 16]
 
 
 GROUPS = [frozenset({0})] * S  # every slot adapts the one group of these tests
-PATHS = {"torch": None, "kernels": kernels.MAX_RUN}  # kernel_max_run: the long_runs case mixes both
+PATHS = {"torch": None, "kernels": kernels.MAX_RUN, "short_kernels": 16}  # 16: the long_runs case mixes both
 
 
 @pytest.fixture(params=list(PATHS))
 def kernel_max_run(request) -> int | None:
-    """Each test once through torch's matmuls, once with the short runs through the kernels (built here: CI has
-    the C++ compiler, so a failed build fails the test)."""
+    """Each test through torch's matmuls, through the kernels, and with the short runs through the kernels (built
+    here: CI has the C++ compiler, so a failed build fails the test)."""
     if PATHS[request.param] is not None:
         assert kernels.load(), "the LoRA CPU kernels did not build (see the warning)"
     return PATHS[request.param]

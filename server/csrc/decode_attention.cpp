@@ -52,21 +52,6 @@ struct Row {
   int64_t token, first, length;
 };
 
-// The 8 horizontal sums of a[0..7], as one vector (a transpose by halves: 7 shuffle pairs and adds, not 8 hsums).
-inline Vec sums8(const Vec (&a)[8]) {
-  Vec b[4], c[2];
-  for (int i = 0; i < 4; ++i) {  // b[i] lanes: pairwise partial sums of a[2i] and a[2i+1], interleaved
-    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-  }
-  for (int i = 0; i < 2; ++i) {  // c[i] lanes: a[4i..4i+3]'s sums over each 128-bit half
-    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
 // s[t] = scale * <q, k_t> for t < n; q [D] float32, k_t = k + t * ks.
 template <typename T>
 void scores_of(const float* q, const T* k, int64_t ks, int64_t n, int64_t D, float scale, float* s) {

@@ -1,6 +1,7 @@
 // LoRA side paths of a step on CPU in two calls per projection group: segmented x·A and (x·A)·B over runs
 // of tokens, each run reading its own slot's weights once (the SGMV shape of punica and S-LoRA): float32 or
-// bfloat16 weights, widened in registers; float32 sums and x·A; a float32 or bfloat16 input and output.
+// bfloat16 weights, widened in registers (or once into a float32 buffer where several tiles read them); float32
+// sums and x·A; a float32 or bfloat16 input and output. Both work in register tiles of 4 tokens.
 //
 // A run is a row of `runs` [n, 5] int64: (start, end, slot, rank, off): tokens start..end-1 of x use slot
 // `slot` at rank `rank`, and their x·A rows sit at off..off+(end-start)-1 of xa. `member_ranks` [S, M] int64,
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "table.h"
@@ -27,9 +29,9 @@ namespace {
 using namespace loramux;
 
 constexpr int64_t kRows = 16;     // A rows (rank x member) of one shrink work item
+constexpr int64_t kBlock = 16;    // tokens of one shrink work item (a long run splits over the threads)
+constexpr int64_t kTile = 4;      // tokens (and A rows) of one register tile
 constexpr int64_t kMinCols = 64;  // fewest output columns of one expand work item
-constexpr int64_t kRanks = 8;     // ranks (rows of B) of one expand tile
-constexpr int64_t kTokens = 4;    // tokens of one expand tile
 // Every call splits over the intra-op threads, however small: in the model's decode step that measured
 // 0.97x the step time of running small calls on the calling thread, although an isolated small call is faster there.
 
@@ -78,69 +80,112 @@ void check_float(const at::Tensor& t, const char* name, int64_t dim, bool bf16 =
   TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have unit stride in its last dimension");
 }
 
-// out[t] = <a, x_t> for N rows x_t of length d, each element of a read once (two partial sums per row).
-template <int N, typename T>
-inline void dots(const T* __restrict a, const float* const* x, int64_t d, float* out) {
-  Vec acc[N][2] = {};
+// out[j][i] = <a[i], x[j]> for 4 rows a[i] (float32 or bfloat16, widened in registers) and 4 rows x[j] of d
+// floats: 16 sums in registers, each element loaded once for the 4 it meets.
+template <typename TA>
+inline void dots4x4(const TA* const* a, const float* const* x, int64_t d, float (&out)[kTile][kTile]) {
+  Vec acc[2][8] = {};  // acc[j / 2][(j % 2) * 4 + i]
   int64_t k = 0;
-  for (; k + 2 * kLanes <= d; k += 2 * kLanes) {
-    const Vec a0 = load(a + k), a1 = load(a + k + kLanes);
-    for (int t = 0; t < N; ++t) {
-      acc[t][0] += a0 * load(x[t] + k);
-      acc[t][1] += a1 * load(x[t] + k + kLanes);
+  for (; k + kLanes <= d; k += kLanes) {
+    const Vec xv[kTile] = {load(x[0] + k), load(x[1] + k), load(x[2] + k), load(x[3] + k)};
+    for (int i = 0; i < kTile; ++i) {
+      const Vec av = load(a[i] + k);
+      for (int j = 0; j < kTile; ++j) acc[j / 2][(j % 2) * 4 + i] += av * xv[j];
     }
   }
-  for (int t = 0; t < N; ++t) {
-    float s = hsum(acc[t][0] + acc[t][1]);
-    for (int64_t j = k; j < d; ++j) s += widen(a[j]) * x[t][j];
-    out[t] = s;
+  const Vec sums[2] = {sums8(acc[0]), sums8(acc[1])};
+  for (int j = 0; j < kTile; ++j) {
+    for (int i = 0; i < kTile; ++i) {
+      float s = sums[j / 2][(j % 2) * 4 + i];
+      for (int64_t c = k; c < d; ++c) s += widen(a[i][c]) * x[j][c];
+      out[j][i] = s;
+    }
   }
 }
 
+// n rows of d elements of src (row stride rs) as float32: src itself, or widened into dst [n, d].
 template <typename T>
-inline void dots_n(const T* a, const float* const* x, int64_t n, int64_t d, float* out) {
-  switch (n) {
-    case 4: return dots<4>(a, x, d, out);
-    case 3: return dots<3>(a, x, d, out);
-    case 2: return dots<2>(a, x, d, out);
-    default: return dots<1>(a, x, d, out);
+inline const float* as_float(const T* src, int64_t rs, int64_t n, int64_t d, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t c = 0;
+      for (; c + kLanes <= d; c += kLanes) store(dst + i * d + c, load(src + i * rs + c));
+      for (; c < d; ++c) dst[i * d + c] = widen(src[i * rs + c]);
+    }
+    return dst;
   }
 }
 
-// x [N, d_in] float32, A [S, R, M, d_in] (contiguous) -> xa [rows, R*M] float32:
+// x [N, d_in], A [S, R, M, d_in] (contiguous) -> xa [rows, R*M] float32:
 // xa[off + i, q] = <A[slot, q / M, q % M], x[start + i]> for q / M < the run's rank of member q % M (the rest
-// of a row is left unset and never read).
-template <typename T>
-void shrink_runs(const float* xp, int64_t xs, const T* ap, const std::vector<Run>& rs, const std::vector<int64_t>& ranks,
+// of a row is left unset and never read). A work item is up to kBlock tokens of a run by kRows rows of A;
+// bfloat16 rows are widened once an item (x) or once a tile of A rows.
+template <typename TA, typename TX>
+void shrink_runs(const TX* xp, int64_t xs, const TA* ap, const std::vector<Run>& rs, const std::vector<int64_t>& ranks,
                  int64_t R, int64_t M, int64_t D, float* op) {
   std::vector<int64_t> first(rs.size() + 1, 0);  // first work item of each run
-  std::vector<int64_t> deepest(rs.size(), 0);    // each run's largest member rank
+  std::vector<int64_t> chunks(rs.size(), 0);     // each run's chunks of kRows rows, to its largest member rank
   for (size_t i = 0; i < rs.size(); ++i) {
-    for (int64_t m = 0; m < M; ++m) deepest[i] = std::max(deepest[i], member_rank(rs[i], ranks, m, M));
-    first[i + 1] = first[i] + (deepest[i] * M + kRows - 1) / kRows;
+    int64_t deepest = 0;
+    for (int64_t m = 0; m < M; ++m) deepest = std::max(deepest, member_rank(rs[i], ranks, m, M));
+    chunks[i] = (deepest * M + kRows - 1) / kRows;
+    first[i + 1] = first[i] + chunks[i] * ((rs[i].end - rs[i].start + kBlock - 1) / kBlock);
   }
   const int64_t width = R * M, items = first.back();
   at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> xbuf(std::is_same_v<TX, float> ? 0 : kBlock * D);
+    std::vector<float> abuf(std::is_same_v<TA, float> ? 0 : kTile * D);
     for (int64_t item = lo; item < hi; ++item) {
       const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
       const Run& r = rs[i];
-      const int64_t q0 = (item - first[i]) * kRows, q1 = std::min(q0 + kRows, deepest[i] * M);
-      int64_t limit[kRows];  // rank of each row's member
-      for (int64_t q = q0; q < q1; ++q) limit[q - q0] = member_rank(r, ranks, q % M, M);
-      const T* a = ap + r.slot * R * M * D;
-      for (int64_t t = r.start; t < r.end; t += 4) {
-        const int64_t n = std::min<int64_t>(4, r.end - t);
-        const float* xr[4];
-        for (int64_t j = 0; j < n; ++j) xr[j] = xp + (t + j) * xs;
-        float out[4];
-        for (int64_t q = q0; q < q1; ++q) {
-          if (q / M >= limit[q - q0]) continue;
-          dots_n(a + q * D, xr, n, D, out);
-          for (int64_t j = 0; j < n; ++j) op[(r.off + t - r.start + j) * width + q] = out[j];
+      const int64_t q0 = (item - first[i]) % chunks[i] * kRows, t0 = r.start + (item - first[i]) / chunks[i] * kBlock;
+      const int64_t tn_all = std::min(t0 + kBlock, r.end) - t0;
+      int64_t rows[kRows], n_rows = 0;  // the chunk's rows within their member's rank
+      for (int64_t q = q0; q < std::min(q0 + kRows, r.rank * M); ++q) {
+        if (q / M < member_rank(r, ranks, q % M, M)) rows[n_rows++] = q;
+      }
+      if (n_rows == 0) continue;
+      const float* x = as_float(xp + t0 * xs, xs, tn_all, D, xbuf.data());
+      const int64_t xrs = std::is_same_v<TX, float> ? xs : D;
+      const TA* a = ap + r.slot * R * M * D;
+      for (int64_t p = 0; p < n_rows; p += kTile) {
+        const int64_t qn = std::min(kTile, n_rows - p);
+        const auto tiles = [&](const auto* const* ar) {  // the item's token tiles against these 4 rows of A
+          for (int64_t t = 0; t < tn_all; t += kTile) {
+            const int64_t tn = std::min(kTile, tn_all - t);
+            const float* xr[kTile];
+            for (int64_t j = 0; j < kTile; ++j) xr[j] = x + (t + std::min(j, tn - 1)) * xrs;
+            float out[kTile][kTile];
+            dots4x4(ar, xr, D, out);
+            for (int64_t j = 0; j < tn; ++j) {
+              for (int64_t u = 0; u < qn; ++u) op[(r.off + t0 - r.start + t + j) * width + rows[p + u]] = out[j][u];
+            }
+          }
+        };
+        const TA* ar[kTile];  // a tile's missing rows repeat its last (their sums are dropped)
+        for (int64_t u = 0; u < kTile; ++u) ar[u] = a + rows[p + std::min(u, qn - 1)] * D;
+        if (std::is_same_v<TA, float> || tn_all <= kTile) {
+          tiles(ar);
+        } else {  // bfloat16 rows read by several token tiles: widened once
+          const float* wide[kTile];
+          for (int64_t u = 0; u < kTile; ++u) wide[u] = as_float(ar[u], D, 1, D, abuf.data() + u * D);
+          tiles(wide);
         }
       }
     }
   });
+}
+
+template <typename TX>
+void shrink_typed(const at::Tensor& x, const at::Tensor& A, const std::vector<Run>& rs,
+                  const std::vector<int64_t>& ranks, at::Tensor& xa) {
+  const int64_t R = A.size(1), M = A.size(2), D = A.size(3);
+  if (A.scalar_type() == at::kBFloat16)
+    shrink_runs(x.data_ptr<TX>(), x.stride(0), A.data_ptr<at::BFloat16>(), rs, ranks, R, M, D, xa.data_ptr<float>());
+  else
+    shrink_runs(x.data_ptr<TX>(), x.stride(0), A.data_ptr<float>(), rs, ranks, R, M, D, xa.data_ptr<float>());
 }
 
 at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& runs, int64_t rows,
@@ -153,47 +198,98 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   const std::vector<Run> rs = read_runs(runs, x.size(0), S, R, rows);
   const std::vector<int64_t> ranks = read_member_ranks(member_ranks, S, M, R);
   at::Tensor xa = at::empty({rows, R * M}, x.options().dtype(at::kFloat));
-  // a bfloat16 x is widened once here, not once per row of A that reads it
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
-  const float* xp = xf.data_ptr<float>();
-  if (A.scalar_type() == at::kBFloat16)
-    shrink_runs(xp, xf.stride(0), A.data_ptr<at::BFloat16>(), rs, ranks, R, M, D, xa.data_ptr<float>());
+  if (x.scalar_type() == at::kBFloat16)
+    shrink_typed<at::BFloat16>(x, A, rs, ranks, xa);
   else
-    shrink_runs(xp, xf.stride(0), A.data_ptr<float>(), rs, ranks, R, M, D, xa.data_ptr<float>());
+    shrink_typed<float>(x, A, rs, ranks, xa);
   return xa;
 }
 
-// out[j, :nc] += sum_k v[j][k] * b[k, :nc] for TN rows j (out row stride os, b row stride bs), kn <= kRanks:
-// the rows' sums stay in registers over the kn ranks, each B element is loaded once for all TN rows.
-template <int TN, typename W>
-inline void expand_tile(float* out, int64_t os, const W* b, int64_t bs, const float (&v)[kTokens][kRanks],
-                        int64_t kn, int64_t nc) {
-  int64_t c = 0;
-  for (; c + 2 * kLanes <= nc; c += 2 * kLanes) {
-    Vec acc[TN][2];
-    for (int j = 0; j < TN; ++j) {
-      acc[j][0] = load(out + j * os + c);
-      acc[j][1] = load(out + j * os + c + kLanes);
+// y[j, :NV lanes] (+)= sum_k v[j][k] * b[k, :NV lanes] for kTile rows j (v row stride vs, b row stride bs) over
+// ranks k < kn: the sums stay in registers over every rank, each B element loaded once for the tile's rows.
+// A float32 y takes y + sum; a bfloat16 y the same, rounded once. Rows past tn are computed and dropped.
+template <int NV, typename W, typename Y>
+inline void expand_tile(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t vs,
+                        int64_t kn) {
+  Vec acc[kTile][NV] = {};
+  for (int64_t k = 0; k < kn; ++k) {
+    Vec bv[NV];
+    for (int u = 0; u < NV; ++u) bv[u] = load(b + k * bs + u * kLanes);
+    for (int j = 0; j < kTile; ++j) {
+      const float vk = v[j * vs + k];
+      for (int u = 0; u < NV; ++u) acc[j][u] += vk * bv[u];
     }
-    for (int64_t k = 0; k < kn; ++k) {
-      const Vec b0 = load(b + k * bs + c), b1 = load(b + k * bs + c + kLanes);
-      for (int j = 0; j < TN; ++j) {
-        acc[j][0] += v[j][k] * b0;
-        acc[j][1] += v[j][k] * b1;
+  }
+  for (int64_t j = 0; j < tn; ++j) {
+    for (int u = 0; u < NV; ++u) {
+      Y* row = y + j * ys + u * kLanes;
+      store(row, load(row) + acc[j][u]);
+    }
+  }
+}
+
+// expand_tile's columns one at a time (the tail past the last whole vector).
+template <typename W, typename Y>
+inline void expand_column(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t vs,
+                          int64_t kn) {
+  for (int64_t j = 0; j < tn; ++j) {
+    float s = 0.f;
+    for (int64_t k = 0; k < kn; ++k) s += v[j * vs + k] * widen(b[k * bs]);
+    y[j * ys] = static_cast<Y>(widen(y[j * ys]) + s);
+  }
+}
+
+// y [N, d_out] += w_i * xa[run i's rows, member::members up to its rank] @ B[slot_i, :rank] for each run i.
+// Each thread takes a block of whole wide tiles of columns and every run over it, so runs that share tokens
+// add in order.
+template <typename Y, typename W>
+void expand_runs(Y* yp, int64_t ys, const float* xp, int64_t width, const W* bp, int64_t R, int64_t D,
+                 const std::vector<Run>& rs, const float* wp, const std::vector<int64_t>& ranks, int64_t member,
+                 int64_t members) {
+  constexpr int64_t kWide = 4 * kLanes;  // columns of a wide tile
+  int64_t longest = 0;
+  for (const Run& r : rs) longest = std::max(longest, r.end - r.start);
+  // one column block per thread: longer stretches of each B row than two blocks a thread
+  // (0.84x the expand time of a 16-adapter decode step)
+  const int64_t split = at::get_num_threads();
+  const int64_t cols = std::max(kMinCols, ((D + split - 1) / split + kWide - 1) / kWide * kWide);
+  at::parallel_for(0, (D + cols - 1) / cols, 1, [&](int64_t lo, int64_t hi) {
+    // w * x·A of one run, [tokens (and a tile's padding), rank]: contiguous factors for the tiles
+    std::vector<float> v((longest + kTile) * R), wide_b(std::is_same_v<W, float> ? 0 : R * kWide);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t c0 = blk * cols, c1 = std::min(D, c0 + cols);
+      for (size_t i = 0; i < rs.size(); ++i) {
+        const Run& r = rs[i];
+        const int64_t rank = member_rank(r, ranks, member, members), n = r.end - r.start;
+        if (rank == 0 || n == 0) continue;
+        for (int64_t j = 0; j < n + kTile; ++j) {  // padding rows repeat the run's last token (their sums dropped)
+          const float* s = xp + (r.off + std::min(j, n - 1)) * width + member;
+          for (int64_t k = 0; k < rank; ++k) v[j * rank + k] = wp[i] * s[k * members];
+        }
+        const W* b = bp + r.slot * R * D;
+        Y* y = yp + r.start * ys;
+        int64_t c = c0;
+        const auto wide = [&](const auto* bc, int64_t bs) {  // the run's token tiles over columns c..c+kWide-1
+          for (int64_t t = 0; t < n; t += kTile)
+            expand_tile<4>(y + t * ys + c, ys, std::min(kTile, n - t), bc, bs, v.data() + t * rank, rank, rank);
+        };
+        for (; c + kWide <= c1; c += kWide) {
+          if (std::is_same_v<W, float> || n <= kTile)
+            wide(b + c, D);
+          else  // bfloat16 B read by several tiles: widened once
+            wide(as_float(b + c, D, rank, kWide, wide_b.data()), kWide);
+        }
+        for (; c + kLanes <= c1; c += kLanes) {
+          for (int64_t t = 0; t < n; t += kTile)
+            expand_tile<1>(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank, rank);
+        }
+        for (; c < c1; ++c) {
+          for (int64_t t = 0; t < n; t += kTile)
+            expand_column(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank, rank);
+        }
       }
     }
-    for (int j = 0; j < TN; ++j) {
-      store(out + j * os + c, acc[j][0]);
-      store(out + j * os + c + kLanes, acc[j][1]);
-    }
-  }
-  for (; c < nc; ++c) {
-    for (int j = 0; j < TN; ++j) {
-      float s = out[j * os + c];
-      for (int64_t k = 0; k < kn; ++k) s += v[j][k] * widen(b[k * bs + c]);
-      out[j * os + c] = s;
-    }
-  }
+  });
 }
 
 // y [N, d_out] += weight * xa[run rows, member::M at the run's rank] @ B[slot, :rank]; B [S, R, d_out] contiguous,
@@ -220,61 +316,18 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& xa, const at::Tensor& B, const
               "weights must be a contiguous float32 CPU tensor of one weight per run");
   const float* wp = weights.data_ptr<float>();
   const float* xp = xa.data_ptr<float>();
-  float* yp = bf16 ? nullptr : y.data_ptr<float>();
-  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
-  int64_t longest = 0;
-  for (const Run& r : rs) longest = std::max(longest, r.end - r.start);
-  // one column block per thread, of whole tiles: longer stretches of each B row than two blocks a thread
-  // (0.84x the expand time of a 16-adapter decode step)
-  const int64_t split = at::get_num_threads();
-  const int64_t cols = std::max(kMinCols, ((D + split - 1) / split + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes));
-  const int64_t ys = y.stride(0), width = xa.size(1), blocks = (D + cols - 1) / cols;
-  const auto run_blocks = [&](const auto* bp) {  // B's elements, float or at::BFloat16
-    at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> sums(bf16 ? longest * cols : 0);  // bf16 y: one run's float32 sums [tokens, cols]
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const int64_t c0 = blk * cols, nc = std::min(cols, D - c0);
-        for (size_t i = 0; i < rs.size(); ++i) {
-          const Run& r = rs[i];
-          const int64_t rank = member_rank(r, ranks, member, members);
-          if (rank == 0) continue;
-          const int64_t os = bf16 ? nc : ys;
-          float* base = bf16 ? sums.data() - r.start * nc : yp + c0;  // row t of the run's output: base + t * os
-          if (bf16) std::fill(sums.begin(), sums.begin() + (r.end - r.start) * nc, 0.f);
-          for (int64_t k0 = 0; k0 < rank; k0 += kRanks) {  // kRanks rows of B at a time, in order
-            const int64_t kn = std::min(kRanks, rank - k0);
-            const auto* b = bp + (r.slot * R + k0) * D + c0;
-            for (int64_t t = r.start; t < r.end; t += kTokens) {
-              const int64_t tn = std::min(kTokens, r.end - t);
-              float v[kTokens][kRanks] = {};  // weight * x·A of these tokens at these ranks
-              for (int64_t j = 0; j < tn; ++j) {
-                const float* s = xp + (r.off + t + j - r.start) * width + k0 * members + member;
-                for (int64_t k = 0; k < kn; ++k) v[j][k] = wp[i] * s[k * members];
-              }
-              float* out = base + t * os;
-              switch (tn) {
-                case 4: expand_tile<4>(out, os, b, D, v, kn, nc); break;
-                case 3: expand_tile<3>(out, os, b, D, v, kn, nc); break;
-                case 2: expand_tile<2>(out, os, b, D, v, kn, nc); break;
-                default: expand_tile<1>(out, os, b, D, v, kn, nc);
-              }
-            }
-          }
-          if (bf16) {
-            for (int64_t t = r.start; t < r.end; ++t) {
-              at::BFloat16* row = yb + t * ys + c0;
-              const float* sum = base + t * os;
-              for (int64_t c = 0; c < nc; ++c) row[c] = at::BFloat16(static_cast<float>(row[c]) + sum[c]);
-            }
-          }
-        }
-      }
-    });
+  const auto run = [&](auto* yp, const auto* bp) {
+    expand_runs(yp, y.stride(0), xp, xa.size(1), bp, R, D, rs, wp, ranks, member, members);
   };
-  if (B.scalar_type() == at::kBFloat16)
-    run_blocks(B.data_ptr<at::BFloat16>());
+  const bool bf16_b = B.scalar_type() == at::kBFloat16;
+  if (bf16 && bf16_b)
+    run(y.data_ptr<at::BFloat16>(), B.data_ptr<at::BFloat16>());
+  else if (bf16)
+    run(y.data_ptr<at::BFloat16>(), B.data_ptr<float>());
+  else if (bf16_b)
+    run(y.data_ptr<float>(), B.data_ptr<at::BFloat16>());
   else
-    run_blocks(B.data_ptr<float>());
+    run(y.data_ptr<float>(), B.data_ptr<float>());
 }
 
 }  // namespace

@@ -34,10 +34,37 @@ inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
+// v rounded to bfloat16 as at::BFloat16(float) rounds (to nearest, ties to even; a NaN to 0x7fc0), bit for bit.
+inline void store(at::BFloat16* p, Vec v) {
+  typedef uint32_t Bits __attribute__((vector_size(sizeof(Vec))));
+  typedef uint16_t Half __attribute__((vector_size(sizeof(Vec) / 2)));
+  Bits u;
+  std::memcpy(&u, &v, sizeof u);
+  const Bits rounded = (u + ((u >> 16) & 1) + 0x7fff) >> 16;
+  const Bits out = (u & 0x7fffffff) > 0x7f800000 ? Bits{} + 0x7fc0 : rounded;
+  const Half h = __builtin_convertvector(out, Half);
+  std::memcpy(p, &h, sizeof h);
+}
+
 inline float hsum(Vec v) {
   float s = 0.f;
   for (int64_t l = 0; l < kLanes; ++l) s += v[l];
   return s;
+}
+
+// The 8 horizontal sums of a[0..7], as one vector (a transpose by halves: 7 shuffle pairs and adds, not 8 hsums).
+inline Vec sums8(const Vec (&a)[8]) {
+  Vec b[4], c[2];
+  for (int i = 0; i < 4; ++i) {  // b[i] lanes: pairwise partial sums of a[2i] and a[2i+1], interleaved
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {  // c[i] lanes: a[4i..4i+3]'s sums over each 128-bit half
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 }  // namespace loramux

@@ -17,7 +17,7 @@ Semantics, as a plain loop (the test oracle `tests/lora_reference.py` is exactly
 
 The shrink (x @ A) is done once for all M members; each member then expands its own slice. A decode step
 calls these for every group of every layer, a few thousand small products: the buffer views they read are
-made once and kept (`BufferViews`), since the buffers never move. The plan's short runs (`segments`, on CPU)
+made once and kept (`BufferViews`), since the buffers never move. The plan's kernel runs (`segments`, on CPU)
 go to loramux's kernels instead: one call per group, one per member (server/lora/kernels.py); where they
 are a member's only side path and no token is in two of them, a bf16 y takes the kernel's sums directly (the
 same single rounding, without the float32 buffer).

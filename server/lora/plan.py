@@ -7,9 +7,9 @@ bucket, tokens are best packed grouped by slot (the engine sorts its rows by buc
 slot's tokens then form one contiguous run and the bucket's side paths run as one batched matmul over
 a view of the slot buffers, with no gathering of weights or activations.
 
-Short runs (decode rows: a few tokens per adapter) may instead be planned as `Segments`, for loramux's CPU
+Runs up to `kernel_max_run` tokens (on CPU: every run) may instead be planned as `Segments`, for loramux's CPU
 kernels (server/lora/kernels.py): one call per projection group for the shrink and one per member for the
-expand, each run at its own slot's true rank; long runs (prefill) stay GEMMs through torch.
+expand, each run at its own slot's true rank; longer runs stay GEMMs through torch.
 
 A token may also carry weighted slots (a request composing several adapters, or one adapter at a scale
 other than 1): those are planned as weighted runs, `y[t] += w * x[t]·A·B` for each (slot, weight) of the
@@ -125,7 +125,7 @@ class LoraPlan:
     active: frozenset[int]  # indices of the projection groups with work this step
     rescale: Rescale | None = None  # the DoRA and IA3 tokens, if any
     rescale_groups: frozenset[int] = frozenset()  # the groups those tokens' adapters adapt
-    segments: Segments | None = None  # the short runs, for the CPU kernels
+    segments: Segments | None = None  # the runs for the CPU kernels
 
     @property
     def empty(self) -> bool:

@@ -59,7 +59,7 @@ def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 class LoraRuntime:
     """`prepack`: the base projections' GEMMs run through oneDNN over reordered weights (CPU; server/gemm.py).
-    `kernels`: the short runs of the side paths go to loramux's CPU kernels (server/lora/kernels.py)."""
+    `kernels`: the side paths' runs go to loramux's CPU kernels (server/lora/kernels.py)."""
 
     def __init__(self, model: nn.Module, n_slots: int, max_rank: int, context: ForwardContext, prepack: bool = False,
                  kernels: bool = False):
