@@ -82,10 +82,11 @@ def kernel_out(q, kc, vc, rows, scaling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 6, 20), (24, 2, 8)])  # 20: a partial vector
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 6, 20), (24, 2, 8), (10, 2, 20)])  # 20: a partial vector
 def test_kernel_over_model_geometries(dtype, heads, kv_heads, dim):
-    """The default model's heads (9 over 3 of 64), no GQA with a head_dim that is not whole vectors, and more
-    query heads per KV head than the kernel sums at once; keys from 1 to 150, one rounding of the output."""
+    """The default model's heads (9 over 3 of 64), no GQA with a head_dim that is not whole vectors, more query
+    heads per KV head than the kernel sums at once (in bf16 it takes a KV head's query heads 4 at a time: 12 and
+    5 per KV head leave whole and partial groups); keys from 1 to 150, one rounding of the output."""
     gen = torch.Generator().manual_seed(1)
     kc, vc = (torch.randn(kv_heads, 300, dim, generator=gen).to(dtype) for _ in range(2))
     q = torch.randn(6, heads, dim, generator=gen).to(dtype)
@@ -102,11 +103,13 @@ def test_kernel_over_model_geometries(dtype, heads, kv_heads, dim):
     assert (out[1] == 7).all()
 
 
-def test_kernel_reads_only_each_sequences_keys():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # a task per head; per group of heads
+def test_kernel_reads_only_each_sequences_keys(dtype):
     """NaN and inf past a sequence's length (a block's stale tail, a neighbour's keys) never reach its output."""
     gen = torch.Generator().manual_seed(2)
-    kc, vc = (torch.randn(2, 64, 8, generator=gen) for _ in range(2))
-    clean = kernel_out(q := torch.randn(2, 4, 8, generator=gen), kc, vc, [(0, 16, 5), (1, 32, 16)], 0.3)
+    kc, vc = (torch.randn(2, 64, 8, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(2, 4, 8, generator=gen).to(dtype)
+    clean = kernel_out(q, kc, vc, [(0, 16, 5), (1, 32, 16)], 0.3)
     for t in (kc, vc):
         t[:, :16] = float("nan")
         t[:, 21:32] = float("inf")
