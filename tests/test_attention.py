@@ -82,7 +82,7 @@ def kernel_out(q, kc, vc, rows, scaling):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 6, 20), (24, 2, 8), (10, 2, 20)])  # 20: a partial vector
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (6, 6, 20), (24, 2, 8), (10, 2, 20)])  # 20: part vector
 def test_kernel_over_model_geometries(dtype, heads, kv_heads, dim):
     """The default model's heads (9 over 3 of 64), no GQA with a head_dim that is not whole vectors, more query
     heads per KV head than the kernel sums at once (in bf16 it takes a KV head's query heads 4 at a time: 12 and
