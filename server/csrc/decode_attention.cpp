@@ -111,14 +111,12 @@ void weighted_sum(const float* p, const T* v, int64_t vs, int64_t n, int64_t D, 
     for (int64_t t = 0; t < n; ++t) {
       for (int u = 0; u < 4; ++u) acc[u] += p[t] * load(v + t * vs + c + u * kLanes);
     }
-    for (int u = 0; u < 4; ++u) {
-      for (int64_t l = 0; l < kLanes; ++l) dst[c + u * kLanes + l] = static_cast<T>(acc[u][l] * inv);
-    }
+    for (int u = 0; u < 4; ++u) store(dst + c + u * kLanes, acc[u] * inv);
   }
   for (; c + kLanes <= D; c += kLanes) {
     Vec acc = {};
     for (int64_t t = 0; t < n; ++t) acc += p[t] * load(v + t * vs + c);
-    for (int64_t l = 0; l < kLanes; ++l) dst[c + l] = static_cast<T>(acc[l] * inv);
+    store(dst + c, acc * inv);
   }
   for (; c < D; ++c) {
     float acc = 0.f;
@@ -127,31 +125,42 @@ void weighted_sum(const float* p, const T* v, int64_t vs, int64_t n, int64_t D, 
   }
 }
 
+// The op's tensors as pointers and strides (query, out [N, H, D]; keys, values [Hkv, T, D]).
 template <typename T>
-void attend_heads(const at::Tensor& query, const at::Tensor& kc, const at::Tensor& vc, const std::vector<Row>& rows,
-            double scaling, at::Tensor& out) {
-  const int64_t H = query.size(1), D = query.size(2), Hkv = kc.size(0), G = H / Hkv;
-  const int64_t qs0 = query.stride(0), qs1 = query.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), vs0 = vc.stride(0), vs1 = vc.stride(1);
-  const T* qp = query.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const float scale = static_cast<float>(scaling);
-  int64_t longest = 0;
-  for (const Row& r : rows) longest = std::max(longest, r.length);
+struct Arena {
+  const T *q, *k, *v;
+  T* out;
+  int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1, H, D, Hkv, G, longest;
+  float scale;
+
+  Arena(const at::Tensor& query, const at::Tensor& kc, const at::Tensor& vc, const std::vector<Row>& rows,
+        double scaling, at::Tensor& o)
+      : q(query.data_ptr<T>()), k(kc.data_ptr<T>()), v(vc.data_ptr<T>()), out(o.data_ptr<T>()),
+        qs0(query.stride(0)), qs1(query.stride(1)), ks0(kc.stride(0)), ks1(kc.stride(1)), vs0(vc.stride(0)),
+        vs1(vc.stride(1)), os0(o.stride(0)), os1(o.stride(1)), H(query.size(1)), D(query.size(2)),
+        Hkv(kc.size(0)), G(H / Hkv), longest(0), scale(static_cast<float>(scaling)) {
+    for (const Row& r : rows) longest = std::max(longest, r.length);
+  }
+  const T* query(const Row& r, int64_t head) const { return q + r.token * qs0 + head * qs1; }
+  T* output(const Row& r, int64_t head) const { return out + r.token * os0 + head * os1; }
+  const T* keys(const Row& r, int64_t kv) const { return k + kv * ks0 + r.first * ks1; }
+  const T* values(const Row& r, int64_t kv) const { return v + kv * vs0 + r.first * vs1; }
+};
+
+template <typename T>
+void attend_heads(const Arena<T>& a, const std::vector<Row>& rows) {
+  const int64_t H = a.H, D = a.D;
   // one task per (token, query head): its KV head's keys and values stay in L1/L2 across the group's heads
   at::parallel_for(0, static_cast<int64_t>(rows.size()) * H, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> q(D), scores(longest);
+    std::vector<float> q(D), scores(a.longest);
     for (int64_t task = lo; task < hi; ++task) {
       const Row& r = rows[task / H];
-      const int64_t head = task % H, kv = head / G;
-      const T* src = qp + r.token * qs0 + head * qs1;
+      const int64_t head = task % H, kv = head / a.G;
+      const T* src = a.query(r, head);
       for (int64_t c = 0; c < D; ++c) q[c] = widen(src[c]);
-      scores_of(q.data(), kp + kv * ks0 + r.first * ks1, ks1, r.length, D, scale, scores.data());
+      scores_of(q.data(), a.keys(r, kv), a.ks1, r.length, D, a.scale, scores.data());
       const float total = exp_shifted(scores.data(), r.length);
-      weighted_sum(scores.data(), vp + kv * vs0 + r.first * vs1, vs1, r.length, D, total,
-                   op + r.token * os0 + head * os1);
+      weighted_sum(scores.data(), a.values(r, kv), a.vs1, r.length, D, total, a.output(r, head));
     }
   });
 }
@@ -163,27 +172,16 @@ constexpr int64_t kHeads = 4;  // query heads of one KV head that read its keys 
 template <int NH, typename T>
 void group_scores(const float* const* q, const T* k, int64_t ks, int64_t n, int64_t D, float scale,
                   float* const* s) {
-  const int64_t chunks = D / kLanes;
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
-    Vec acc[2][8] = {};  // acc[key / 2][(key % 2) * 4 + head]
-    for (int64_t c = 0; c < chunks; ++c) {
-      Vec qv[NH];
-      for (int h = 0; h < NH; ++h) qv[h] = load(q[h] + c * kLanes);
-      for (int j = 0; j < 4; ++j) {
-        const Vec kv = load(k + (t + j) * ks + c * kLanes);
-        for (int h = 0; h < NH; ++h) acc[j / 2][(j % 2) * 4 + h] += qv[h] * kv;
-      }
-    }
-    const Vec dots[2] = {sums8(acc[0]), sums8(acc[1])};
-    for (int j = 0; j < 4; ++j) {
-      for (int h = 0; h < NH; ++h) {
-        float d = dots[j / 2][(j % 2) * 4 + h];
-        for (int64_t c = chunks * kLanes; c < D; ++c) d += q[h][c] * widen(k[(t + j) * ks + c]);
-        s[h][t + j] = d * scale;
-      }
+    const T* keys[4] = {k + t * ks, k + (t + 1) * ks, k + (t + 2) * ks, k + (t + 3) * ks};
+    float dots[4][4];
+    dots4<NH>(keys, q, D, dots);
+    for (int h = 0; h < NH; ++h) {
+      for (int j = 0; j < 4; ++j) s[h][t + j] = dots[h][j] * scale;
     }
   }
+  const int64_t chunks = D / kLanes;
   for (; t < n; ++t) {
     for (int h = 0; h < NH; ++h) {
       Vec acc = {};
@@ -226,22 +224,12 @@ void group_weighted_sum(const float* const* p, const T* v, int64_t vs, int64_t n
 }
 
 template <typename T>
-void attend_grouped(const at::Tensor& query, const at::Tensor& kc, const at::Tensor& vc, const std::vector<Row>& rows,
-            double scaling, at::Tensor& out) {
-  const int64_t H = query.size(1), D = query.size(2), Hkv = kc.size(0), G = H / Hkv;
-  const int64_t qs0 = query.stride(0), qs1 = query.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), vs0 = vc.stride(0), vs1 = vc.stride(1);
-  const T* qp = query.data_ptr<T>();
-  const T* kp = kc.data_ptr<T>();
-  const T* vp = vc.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const float scale = static_cast<float>(scaling);
-  int64_t longest = 0;
-  for (const Row& r : rows) longest = std::max(longest, r.length);
+void attend_grouped(const Arena<T>& a, const std::vector<Row>& rows) {
+  const int64_t Hkv = a.Hkv, G = a.G, D = a.D;
   const int64_t parts = (G + kHeads - 1) / kHeads;  // groups of up to kHeads query heads per KV head
   // one task per (token, KV head, group of its query heads): each key and value read once for the group
   at::parallel_for(0, static_cast<int64_t>(rows.size()) * Hkv * parts, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> q(kHeads * D), scores(kHeads * longest);
+    std::vector<float> q(kHeads * D), scores(kHeads * a.longest);
     for (int64_t task = lo; task < hi; ++task) {
       const Row& r = rows[task / (Hkv * parts)];
       const int64_t kv = task / parts % Hkv, h0 = kv * G + task % parts * kHeads;
@@ -250,20 +238,18 @@ void attend_grouped(const at::Tensor& query, const at::Tensor& kc, const at::Ten
       float* sr[kHeads];
       T* dr[kHeads];
       for (int64_t h = 0; h < hn; ++h) {
-        const T* src = qp + r.token * qs0 + (h0 + h) * qs1;
+        const T* src = a.query(r, h0 + h);
         for (int64_t c = 0; c < D; ++c) q[h * D + c] = widen(src[c]);
         qr[h] = q.data() + h * D;
-        sr[h] = scores.data() + h * longest;
-        dr[h] = op + r.token * os0 + (h0 + h) * os1;
+        sr[h] = scores.data() + h * a.longest;
+        dr[h] = a.output(r, h0 + h);
       }
-      const T* k = kp + kv * ks0 + r.first * ks1;
-      const T* v = vp + kv * vs0 + r.first * vs1;
       const auto group = [&](auto heads) {
         constexpr int NH = decltype(heads)::value;
-        group_scores<NH>(qr, k, ks1, r.length, D, scale, sr);
+        group_scores<NH>(qr, a.keys(r, kv), a.ks1, r.length, D, a.scale, sr);
         float total[NH];
         for (int h = 0; h < NH; ++h) total[h] = exp_shifted(sr[h], r.length);
-        group_weighted_sum<NH>(sr, v, vs1, r.length, D, total, dr);
+        group_weighted_sum<NH>(sr, a.values(r, kv), a.vs1, r.length, D, total, dr);
       };
       switch (hn) {
         case 4: group(std::integral_constant<int, 4>{}); break;
@@ -281,10 +267,11 @@ void attend_grouped(const at::Tensor& query, const at::Tensor& kc, const at::Ten
 template <typename T>
 void attend(const at::Tensor& query, const at::Tensor& kc, const at::Tensor& vc, const std::vector<Row>& rows,
             double scaling, at::Tensor& out) {
-  if (std::is_same_v<T, at::BFloat16> && query.size(1) / kc.size(0) >= 2)
-    attend_grouped<T>(query, kc, vc, rows, scaling, out);
+  const Arena<T> arena(query, kc, vc, rows, scaling, out);
+  if (std::is_same_v<T, at::BFloat16> && arena.G >= 2)
+    attend_grouped(arena, rows);
   else
-    attend_heads<T>(query, kc, vc, rows, scaling, out);
+    attend_heads(arena, rows);
 }
 
 // out[token] = softmax(scaling * q[token] K^T) V over K, V = kc, vc[kv head, first:first+length] for each row of

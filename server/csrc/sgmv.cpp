@@ -80,29 +80,6 @@ void check_float(const at::Tensor& t, const char* name, int64_t dim, bool bf16 =
   TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have unit stride in its last dimension");
 }
 
-// out[j][i] = <a[i], x[j]> for 4 rows a[i] (float32 or bfloat16, widened in registers) and 4 rows x[j] of d
-// floats: 16 sums in registers, each element loaded once for the 4 it meets.
-template <typename TA>
-inline void dots4x4(const TA* const* a, const float* const* x, int64_t d, float (&out)[kTile][kTile]) {
-  Vec acc[2][8] = {};  // acc[j / 2][(j % 2) * 4 + i]
-  int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    const Vec xv[kTile] = {load(x[0] + k), load(x[1] + k), load(x[2] + k), load(x[3] + k)};
-    for (int i = 0; i < kTile; ++i) {
-      const Vec av = load(a[i] + k);
-      for (int j = 0; j < kTile; ++j) acc[j / 2][(j % 2) * 4 + i] += av * xv[j];
-    }
-  }
-  const Vec sums[2] = {sums8(acc[0]), sums8(acc[1])};
-  for (int j = 0; j < kTile; ++j) {
-    for (int i = 0; i < kTile; ++i) {
-      float s = sums[j / 2][(j % 2) * 4 + i];
-      for (int64_t c = k; c < d; ++c) s += widen(a[i][c]) * x[j][c];
-      out[j][i] = s;
-    }
-  }
-}
-
 // n rows of d elements of src (row stride rs) as float32: src itself, or widened into dst [n, d].
 template <typename T>
 inline const float* as_float(const T* src, int64_t rs, int64_t n, int64_t d, float* dst) {
@@ -158,7 +135,7 @@ void shrink_runs(const TX* xp, int64_t xs, const TA* ap, const std::vector<Run>&
             const float* xr[kTile];
             for (int64_t j = 0; j < kTile; ++j) xr[j] = x + (t + std::min(j, tn - 1)) * xrs;
             float out[kTile][kTile];
-            dots4x4(ar, xr, D, out);
+            dots4<kTile>(ar, xr, D, out);
             for (int64_t j = 0; j < tn; ++j) {
               for (int64_t u = 0; u < qn; ++u) op[(r.off + t0 - r.start + t + j) * width + rows[p + u]] = out[j][u];
             }
@@ -205,18 +182,17 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tenso
   return xa;
 }
 
-// y[j, :NV lanes] (+)= sum_k v[j][k] * b[k, :NV lanes] for kTile rows j (v row stride vs, b row stride bs) over
+// y[j, :NV lanes] (+)= sum_k v[j][k] * b[k, :NV lanes] for kTile rows j (v [kTile, kn], b row stride bs) over
 // ranks k < kn: the sums stay in registers over every rank, each B element loaded once for the tile's rows.
 // A float32 y takes y + sum; a bfloat16 y the same, rounded once. Rows past tn are computed and dropped.
 template <int NV, typename W, typename Y>
-inline void expand_tile(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t vs,
-                        int64_t kn) {
+inline void expand_tile(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t kn) {
   Vec acc[kTile][NV] = {};
   for (int64_t k = 0; k < kn; ++k) {
     Vec bv[NV];
     for (int u = 0; u < NV; ++u) bv[u] = load(b + k * bs + u * kLanes);
     for (int j = 0; j < kTile; ++j) {
-      const float vk = v[j * vs + k];
+      const float vk = v[j * kn + k];
       for (int u = 0; u < NV; ++u) acc[j][u] += vk * bv[u];
     }
   }
@@ -230,11 +206,10 @@ inline void expand_tile(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, co
 
 // expand_tile's columns one at a time (the tail past the last whole vector).
 template <typename W, typename Y>
-inline void expand_column(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t vs,
-                          int64_t kn) {
+inline void expand_column(Y* y, int64_t ys, int64_t tn, const W* b, int64_t bs, const float* v, int64_t kn) {
   for (int64_t j = 0; j < tn; ++j) {
     float s = 0.f;
-    for (int64_t k = 0; k < kn; ++k) s += v[j * vs + k] * widen(b[k * bs]);
+    for (int64_t k = 0; k < kn; ++k) s += v[j * kn + k] * widen(b[k * bs]);
     y[j * ys] = static_cast<Y>(widen(y[j * ys]) + s);
   }
 }
@@ -271,7 +246,7 @@ void expand_runs(Y* yp, int64_t ys, const float* xp, int64_t width, const W* bp,
         int64_t c = c0;
         const auto wide = [&](const auto* bc, int64_t bs) {  // the run's token tiles over columns c..c+kWide-1
           for (int64_t t = 0; t < n; t += kTile)
-            expand_tile<4>(y + t * ys + c, ys, std::min(kTile, n - t), bc, bs, v.data() + t * rank, rank, rank);
+            expand_tile<4>(y + t * ys + c, ys, std::min(kTile, n - t), bc, bs, v.data() + t * rank, rank);
         };
         for (; c + kWide <= c1; c += kWide) {
           if (std::is_same_v<W, float> || n <= kTile)
@@ -281,11 +256,11 @@ void expand_runs(Y* yp, int64_t ys, const float* xp, int64_t width, const W* bp,
         }
         for (; c + kLanes <= c1; c += kLanes) {
           for (int64_t t = 0; t < n; t += kTile)
-            expand_tile<1>(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank, rank);
+            expand_tile<1>(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank);
         }
         for (; c < c1; ++c) {
           for (int64_t t = 0; t < n; t += kTile)
-            expand_column(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank, rank);
+            expand_column(y + t * ys + c, ys, std::min(kTile, n - t), b + c, D, v.data() + t * rank, rank);
         }
       }
     }

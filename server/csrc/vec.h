@@ -67,4 +67,28 @@ inline Vec sums8(const Vec (&a)[8]) {
          __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// out[j][i] = <a[i], x[j]> for 4 rows a[i] (float32 or bfloat16, widened in registers) and NX <= 4 rows x[j] of
+// d floats: the sums in registers, each element loaded once for the rows it meets.
+template <int NX, typename TA>
+inline void dots4(const TA* const* a, const float* const* x, int64_t d, float (&out)[4][4]) {
+  Vec acc[2][8] = {};  // acc[j / 2][(j % 2) * 4 + i]
+  int64_t k = 0;
+  for (; k + kLanes <= d; k += kLanes) {
+    Vec xv[NX];
+    for (int j = 0; j < NX; ++j) xv[j] = load(x[j] + k);
+    for (int i = 0; i < 4; ++i) {
+      const Vec av = load(a[i] + k);
+      for (int j = 0; j < NX; ++j) acc[j / 2][(j % 2) * 4 + i] += av * xv[j];
+    }
+  }
+  const Vec sums[2] = {sums8(acc[0]), sums8(acc[1])};
+  for (int j = 0; j < NX; ++j) {
+    for (int i = 0; i < 4; ++i) {
+      float s = sums[j / 2][(j % 2) * 4 + i];
+      for (int64_t c = k; c < d; ++c) s += widen(a[i][c]) * x[j][c];
+      out[j][i] = s;
+    }
+  }
+}
+
 }  // namespace loramux
